@@ -1,0 +1,180 @@
+"""The one place that knows NumPy from CuPy.
+
+Everything else in npflux asks this module for an array module (``xp``) and
+writes ``xp.exp(x)``, ``xp.matmul(a, b)``, ... so the same line runs on the CPU
+(NumPy) and on an NVIDIA GPU (CuPy). The array module is taken from the arrays
+themselves (``get_array_module``, as Chainer and CuPy do), so an op never needs
+to be told which device it runs on.
+
+A backend is chosen by name, ``"numpy"`` or ``"cupy"``, or by the environment
+variable ``NPFLUX_BACKEND``; NumPy is the default. Asking for CuPy where it is
+not installed, or where it finds no GPU, raises ``BackendUnavailable`` with
+the reason instead of failing later in some kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy
+
+BACKEND_NAMES = ("numpy", "cupy")
+DEFAULT_DTYPE = numpy.dtype("float32")
+ONE_HOT_MAX_ROWS = 256  # below this, a one-hot matmul beats sorting (measured)
+FLOAT_DTYPES = (numpy.dtype("float16"), numpy.dtype("float32"), numpy.dtype("float64"))
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (CuPy missing, or no GPU)."""
+
+
+def _import_cupy():
+    """Import CuPy and make sure a GPU answers; raise one clear error if not."""
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise BackendUnavailable(
+            "backend 'cupy' needs CuPy, which is not installed "
+            "(pip install 'npflux[gpu]', or a cupy-cudaXXx wheel matching your CUDA)"
+        ) from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        raise BackendUnavailable(f"backend 'cupy': CuPy is installed but no CUDA GPU is usable ({exc})") from exc
+    if count == 0:  # pragma: no cover - depends on the machine
+        raise BackendUnavailable("backend 'cupy': CuPy is installed but no CUDA GPU was found")
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        _import_cupy()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+class Backend:
+    """An array module plus what npflux needs around it: RNG, device moves, dtypes."""
+
+    def __init__(self, name: str):
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        self.name = name
+        self.xp = numpy if name == "numpy" else _import_cupy()
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Backend) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def rng(self, seed=None):
+        """A seeded random Generator on this backend (numpy.random.Generator on NumPy)."""
+        return self.xp.random.default_rng(seed)
+
+    def asarray(self, x, dtype=None):
+        """Put ``x`` on this backend's device (a copy only when it must move)."""
+        if self.name == "numpy":
+            x = to_numpy(x)
+        return self.xp.asarray(x, dtype=dtype)
+
+
+_BACKENDS: dict = {}
+
+
+def get_backend(name=None) -> Backend:
+    """The backend called ``name``; ``None`` reads NPFLUX_BACKEND (default "numpy")."""
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get("NPFLUX_BACKEND", "numpy") or "numpy"
+    name = name.lower()
+    if name not in _BACKENDS:
+        _BACKENDS[name] = Backend(name)
+    return _BACKENDS[name]
+
+
+def get_array_module(*arrays):
+    """NumPy or CuPy, whichever the given arrays live in (NumPy for plain Python values)."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return numpy
+
+
+def backend_of(array) -> Backend:
+    """The Backend an array lives on."""
+    return get_backend("cupy" if get_array_module(array) is not numpy else "numpy")
+
+
+def to_numpy(x):
+    """A NumPy array holding ``x`` (copied from the GPU when it lives there)."""
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return numpy.asarray(x)
+
+
+def resolve_dtype(dtype=None) -> numpy.dtype:
+    """A floating NumPy dtype from a dtype or its name; float32 when None."""
+    if dtype is None:
+        return DEFAULT_DTYPE
+    try:
+        dt = numpy.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"not a dtype: {dtype!r}") from exc
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"npflux computes in floating point; got dtype {dt} (use float32, or float64 for checks)")
+    return dt
+
+
+def check_float(x, name: str = "input"):
+    """Raise a clear TypeError unless ``x`` is a floating-point array."""
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    if kind != "f":
+        got = getattr(x, "dtype", type(x).__name__)
+        raise TypeError(f"{name} must be a floating-point array, got {got}")
+
+
+def check_int(x, name: str = "ids"):
+    """Raise a clear TypeError unless ``x`` is an integer array."""
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    if kind not in ("i", "u"):
+        got = getattr(x, "dtype", type(x).__name__)
+        raise TypeError(f"{name} must be an integer array, got {got}")
+
+
+def scatter_add_rows(out, ids, rows):
+    """``out[ids[n]] += rows[n]`` for every n, accumulating repeated ids.
+
+    ``out`` is (V, C), ``ids`` is (N,) and ``rows`` (N, C). Plain fancy-index
+    assignment ``out[ids] += rows`` would keep only the last of repeated ids.
+    ``numpy.add.at`` does it right but slowly, so on NumPy a small table (a
+    character vocabulary) takes one matrix product with a one-hot matrix,
+    and a larger one sorts the ids and sums each run with ``add.reduceat``
+    (benchmarks/bench_scatter_add.py measures all three). CuPy has an atomic
+    scatter-add kernel.
+    """
+    xp = get_array_module(out)
+    if xp is not numpy:
+        import cupyx
+
+        cupyx.scatter_add(out, ids, rows)
+        return out
+    if ids.size == 0:
+        return out
+    if out.shape[0] <= ONE_HOT_MAX_ROWS:
+        one_hot = numpy.zeros((ids.size, out.shape[0]), dtype=rows.dtype)
+        one_hot[numpy.arange(ids.size), ids] = 1
+        out += one_hot.T @ rows
+        return out
+    order = numpy.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = numpy.flatnonzero(numpy.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    out[sorted_ids[starts]] += numpy.add.reduceat(rows[order], starts, axis=0)
+    return out
