@@ -1,0 +1,24 @@
+"""Inverted dropout: zero each value with probability p, scale the kept ones by 1/(1-p)."""
+from ..backend import check_float
+
+
+def dropout_forward(x, p, rng):
+    """y = x * keep / (1 - p),  keep ~ Bernoulli(1 - p) drawn from ``rng``.
+
+    ``rng`` is the backend's random Generator (numpy.random.Generator on
+    NumPy, cupy.random.Generator on CuPy). Scaling at training time keeps the
+    expected value of y equal to x, so evaluation needs no rescaling.
+    """
+    check_float(x, "dropout: x")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if p == 0.0:
+        return x, None
+    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    scaled_keep = keep * x.dtype.type(1.0 / (1.0 - p))
+    return x * scaled_keep, scaled_keep
+
+
+def dropout_backward(dy, cache):
+    """dx = dy * keep / (1 - p): the same mask, the same scale."""
+    return dy if cache is None else dy * cache
