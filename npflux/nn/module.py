@@ -1,0 +1,108 @@
+"""The Module base class: parameters, gradients, children, state dicts.
+
+A module owns arrays in ``self.p`` (its own parameters, by short name) and the
+gradients of the same shapes in ``self.g``. Children are modules assigned as
+attributes (``self.ln_1 = LayerNorm(...)``), as in PyTorch. ``params`` and
+``grads`` give every array of the module and its children under dotted names
+("h.0.ln_1.weight"), the SAME array objects, so an optimizer holding
+``params`` updates the model in place and ``backward`` adding into ``self.g``
+is seen through ``grads``.
+
+Convention: ``forward`` keeps what ``backward`` needs on ``self``;
+``backward(dout)`` returns the gradient of the input and ADDS into the
+gradients, so calling forward/backward on several micro-batches accumulates.
+"""
+from ..backend import get_array_module, get_backend, resolve_dtype
+
+
+class Module:
+    def __init__(self, backend=None, dtype=None):
+        object.__setattr__(self, "_children", {})
+        self.backend = get_backend(backend)
+        self.dtype = resolve_dtype(dtype)
+        self.xp = self.backend.xp
+        self.p = {}
+        self.g = {}
+        self.training = True
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Module):
+            self._children[name] = value
+        object.__setattr__(self, name, value)
+
+    # -- parameters -------------------------------------------------------
+    def add_param(self, name, host_array):
+        """Register a parameter from a host (NumPy) array; it lives on this module's backend and dtype."""
+        value = self.backend.asarray(host_array, dtype=self.dtype)
+        self.p[name] = value
+        self.g[name] = self.xp.zeros_like(value)
+        return value
+
+    def named_children(self):
+        return self._children.items()
+
+    def _collect(self, attr, prefix=""):
+        out = {prefix + k: v for k, v in getattr(self, attr).items()}
+        for name, child in self._children.items():
+            out.update(child._collect(attr, f"{prefix}{name}."))
+        return out
+
+    @property
+    def params(self):
+        """Every parameter array by dotted name."""
+        return self._collect("p")
+
+    @property
+    def grads(self):
+        """The gradient arrays, keyed exactly as ``params``."""
+        return self._collect("g")
+
+    def num_parameters(self):
+        return sum(int(v.size) for v in self.params.values())
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    # -- modes --------------------------------------------------------------
+    def train(self, mode=True):
+        self.training = mode
+        for child in self._children.values():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- state dicts ----------------------------------------------------------
+    def state_dict(self):
+        """name -> parameter array (the live arrays, not copies, as in PyTorch)."""
+        return dict(self.params)
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays from ``state`` into the parameters, in place, checking names, shapes and finiteness.
+
+        Values may be NumPy or CuPy arrays of any float dtype; they are cast to
+        this module's dtype and moved to its device. With ``strict``, missing
+        or unexpected names are an error.
+        """
+        params = self.params
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        for name, value in state.items():
+            if name not in params:
+                continue
+            target = params[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+            target[...] = self.backend.asarray(value, dtype=target.dtype)
+        return missing, unexpected
+
+
+def sum_to_shape(dy, shape):
+    """Sum ``dy`` over the leading axes it has beyond ``shape`` (the backward of a broadcast)."""
+    xp = get_array_module(dy)
+    lead = dy.ndim - len(shape)
+    return xp.sum(dy, axis=tuple(range(lead))) if lead > 0 else dy
