@@ -1,0 +1,11 @@
+"""npflux: transformer language models from scratch on NumPy / CuPy.
+
+Every layer has a hand-written forward and backward pass (``npflux.ops``),
+modules compose them (``npflux.nn``), models compose modules
+(``npflux.models``). Nothing computes a gradient for us.
+"""
+from .backend import get_backend
+from .models import GPT, GPTConfig
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "GPTConfig", "get_backend", "__version__"]

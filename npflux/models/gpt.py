@@ -1,0 +1,209 @@
+"""A decoder-only transformer language model (GPT), forward and backward by hand.
+
+    idx (B, T) -> wte + wpe -> dropout -> Block x n_layer -> ln_f -> lm_head -> logits (B, T, V)
+
+Parameter names and layouts are GPT-2's as Hugging Face stores them, so a
+GPT-2 state dict loads as it is (see ``load_gpt2_state_dict``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .. import ops
+from ..backend import check_int, get_backend
+from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, PositionalEmbedding
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True            # biases in c_proj, c_fc and the layer norms' shift
+    qkv_bias: bool = True        # bias of the fused q/k/v projection
+    activation: str = "gelu"     # "gelu" (tanh form, GPT-2) or "relu" (the char-level gpt.py)
+    tie_weights: bool = True     # lm_head shares wte's matrix
+    lm_head_bias: bool = False
+    layer_norm_eps: float = 1e-5
+    scaled_proj_init: bool = False  # GPT-2's std 0.02/sqrt(2 n_layer) for the residual projections
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# The char-level models of the published gpt.py: ReLU MLP, no q/k/v bias,
+# an untied lm_head with a bias, 65-character vocabulary.
+_CHAR = dict(vocab_size=65, activation="relu", qkv_bias=False, tie_weights=False, lm_head_bias=True)
+PRESETS = {
+    "shakespeare-s1": dict(_CHAR, block_size=32, n_layer=4, n_head=4, n_embd=64, dropout=0.0),
+    "shakespeare-s2": dict(_CHAR, block_size=32, n_layer=6, n_head=6, n_embd=192, dropout=0.0),
+    "shakespeare-n": dict(_CHAR, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, scaled_proj_init=True),
+}
+
+
+class _Stack(Module):
+    """A container whose children are named "0", "1", ... (transformer.h.{i})."""
+
+    def __init__(self, modules, backend=None, dtype=None):
+        super().__init__(backend, dtype)
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+        self.items = list(modules)
+
+
+class GPT(Module):
+    def __init__(self, config: GPTConfig, seed: int = 0, backend=None, dtype=None):
+        super().__init__(backend, dtype)
+        self.config = c = config
+        init_rng = get_backend("numpy").rng(seed)       # weights: same for every backend
+        self.dropout_rng = self.backend.rng(seed + 1)   # dropout masks: on the device
+        kw = dict(backend=self.backend, dtype=self.dtype)
+        proj_std = 0.02 / math.sqrt(2 * c.n_layer) if c.scaled_proj_init else 0.02
+
+        self.transformer = Module(**kw)
+        t = self.transformer
+        t.wte = Embedding(c.vocab_size, c.n_embd, rng=init_rng, **kw)
+        t.wpe = PositionalEmbedding(c.block_size, c.n_embd, rng=init_rng, **kw)
+        t.drop = Dropout(c.dropout, rng=self.dropout_rng, **kw)
+        t.h = _Stack([
+            Block(c.n_embd, c.n_head, causal=True, activation=c.activation, bias=c.bias, qkv_bias=c.qkv_bias,
+                  dropout=c.dropout, eps=c.layer_norm_eps, proj_std=proj_std, rng=init_rng,
+                  dropout_rng=self.dropout_rng, **kw)
+            for _ in range(c.n_layer)
+        ], **kw)
+        t.ln_f = LayerNorm(c.n_embd, c.layer_norm_eps, **kw)
+        self.lm_head = Module(**kw)
+        if not c.tie_weights:
+            self.lm_head.add_param("weight", init_rng.normal(0.0, 0.02, (c.vocab_size, c.n_embd)))
+        if c.lm_head_bias:
+            self.lm_head.add_param("bias", self.xp.zeros(c.vocab_size))
+        self.loss_cache = None
+
+    # -- the lm_head reads wte's matrix when tied --------------------------------
+    def _head_weight(self):
+        owner = self.transformer.wte if self.config.tie_weights else self.lm_head
+        return owner.p["weight"], owner.g["weight"]
+
+    def size_mb(self) -> float:
+        """Parameter memory in MB (10^6 bytes) at the model's dtype."""
+        return self.num_parameters() * self.dtype.itemsize / 1e6
+
+    # -- forward and backward --------------------------------------------------------
+    def forward(self, idx, targets=None, kv_caches=None):
+        """logits (B, T, V) and the mean cross-entropy loss (None without targets)."""
+        check_int(idx, "GPT: idx")
+        idx = self.backend.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"GPT: idx must be (B, T) token ids, got shape {idx.shape}")
+        offset = kv_caches[0].length if kv_caches else 0
+        if offset + idx.shape[1] > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {offset + idx.shape[1]} exceeds block_size {self.config.block_size}")
+        t = self.transformer
+        x = t.drop.forward(t.wpe.forward(t.wte.forward(idx), offset=offset))
+        for i, block in enumerate(t.h.items):
+            x = block.forward(x, kv_cache=kv_caches[i] if kv_caches else None)
+        x = t.ln_f.forward(x)
+        weight, _ = self._head_weight()
+        logits, self.head_cache = ops.linear_forward(x, weight.T, self.lm_head.p.get("bias"))
+        if targets is None:
+            self.loss_cache = None
+            return logits, None
+        loss, self.loss_cache = ops.cross_entropy_forward(logits, self.backend.asarray(targets))
+        return logits, loss
+
+    def backward(self, loss_scale=1.0):
+        """Gradients of ``loss_scale * loss`` of the last forward, ADDED into ``grads``.
+
+        With gradient accumulation over n micro-batches, pass loss_scale=1/n.
+        The walk is the forward read backwards: head, ln_f, blocks in reverse,
+        positions, token embedding.
+        """
+        if self.loss_cache is None:
+            raise RuntimeError("GPT.backward: call forward(idx, targets) first")
+        dlogits = ops.cross_entropy_backward(loss_scale, self.loss_cache)
+        dx, dw_t, db = ops.linear_backward(dlogits, self.head_cache)
+        _, head_grad = self._head_weight()
+        head_grad += dw_t.T
+        if db is not None:
+            self.lm_head.g["bias"] += db
+        t = self.transformer
+        dx = t.ln_f.backward(dx)
+        for block in reversed(t.h.items):
+            dx = block.backward(dx)
+        t.wte.backward(t.wpe.backward(t.drop.backward(dx)))
+        self.loss_cache = None
+
+    # -- generation --------------------------------------------------------------------
+    def new_kv_caches(self, batch):
+        c = self.config
+        return [KVCache(self.xp, batch, c.n_head, c.block_size, c.n_embd // c.n_head, self.dtype) for _ in range(c.n_layer)]
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, use_cache=True):
+        """idx (B, T) with ``max_new_tokens`` sampled tokens appended (see npflux.generate)."""
+        from ..generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, use_cache=use_cache)
+
+    # -- loading -------------------------------------------------------------------------
+    def load_state_dict(self, state, strict=True):
+        """Load a state dict in GPT-2's Hugging Face layout (see ``normalize_gpt2_state_dict``)."""
+        return super().load_state_dict(normalize_gpt2_state_dict(state, self.config), strict=strict)
+
+
+def normalize_gpt2_state_dict(state, config: GPTConfig):
+    """Hugging Face GPT-2 names -> npflux's (they are the same, less a few differences).
+
+    - ``model.safetensors`` of GPT2LMHeadModel may omit the "transformer."
+      prefix; it is added.
+    - the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are dropped
+      (they are not parameters: npflux builds the mask itself).
+    - a tied model has one matrix; ``lm_head.weight`` is accepted when it
+      equals the embedding, and an error otherwise.
+    """
+    from ..backend import to_numpy
+
+    out = {}
+    for name, value in state.items():
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name
+        if name.endswith((".attn.bias", ".attn.masked_bias")) and value.ndim != 1:
+            continue
+        out[name] = value
+    if config.tie_weights and "lm_head.weight" in out:
+        head = to_numpy(out.pop("lm_head.weight"))
+        wte = to_numpy(out["transformer.wte.weight"])
+        if head.shape != wte.shape or not (head == wte).all():
+            raise ValueError("lm_head.weight differs from transformer.wte.weight but the model ties them")
+    return out
