@@ -1,0 +1,328 @@
+"""Checkpoints: safetensors for arrays, JSON for everything else, never pickle.
+
+A checkpoint is a directory::
+
+    model.safetensors       the model's state dict (exact bits, any dtype)
+    optimizer.safetensors   the optimizer's moment/momentum arrays (when saved)
+    meta.json               format version, step, model config, tokenizer,
+                            optimizer scalars (lr, betas, step...), RNG state,
+                            anything extra, and the SHA-256 of each file above
+
+Neither format can run code when loaded (unlike ``torch.save`` / pickle), and
+the hashes catch a truncated or damaged file with a clear message instead of
+a confusing failure deep inside training.
+
+Saving is atomic from the reader's side: everything is written and fsynced
+into the sibling directory ``<name>.tmp``, then swapped in by renames. A crash
+while writing leaves the previous checkpoint untouched. POSIX cannot rename a
+directory over a non-empty one, so the swap is two renames (old ->
+``<name>.old``, new -> ``<name>``); if a crash falls exactly between them,
+``load_checkpoint`` finds the previous checkpoint in ``<name>.old`` and the
+next ``save_checkpoint`` puts it back first. One process saves to a given
+directory at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from .backend import to_numpy
+
+FORMAT = "npflux-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or in a format this version cannot read."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """There is no checkpoint at the given path."""
+
+
+@dataclass
+class Checkpoint:
+    """What ``load_checkpoint`` returns. Arrays are host NumPy arrays."""
+
+    model_state: dict
+    config: dict
+    tokenizer: dict | None = None
+    optimizer_state: dict | None = None  # arrays and scalars merged: ready for optimizer.load_state_dict
+    step: int = 0
+    rng_state: dict | None = None
+    extra: dict | None = None
+    format_version: int = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------------------
+# JSON helpers
+# ---------------------------------------------------------------------------
+
+
+def _to_jsonable(obj):
+    """Turn configs and states into plain JSON values (used as json's ``default``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.dtype):
+        return obj.name
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint's meta.json "
+                    f"(only JSON values, dataclasses and NumPy scalars); arrays belong in the state dicts")
+
+
+def rng_state_to_json(rng) -> dict:
+    """The state of a ``numpy.random.Generator`` as a JSON-able dict.
+
+    ``bit_generator.state`` is already a dict of ints for PCG64 (NumPy's
+    default); other bit generators (MT19937, Philox, SFC64) hold small
+    arrays, which are stored as ``{"__ndarray__": [...], "dtype": ...}``.
+    """
+    def encode(x):
+        if isinstance(x, dict):
+            return {k: encode(v) for k, v in x.items()}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": x.tolist(), "dtype": x.dtype.name}
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+
+    return encode(rng.bit_generator.state)
+
+
+def rng_from_json(state: dict):
+    """A ``numpy.random.Generator`` that continues exactly where the saved one was."""
+    def decode(x):
+        if isinstance(x, dict):
+            if "__ndarray__" in x:
+                return np.asarray(x["__ndarray__"], dtype=x["dtype"])
+            return {k: decode(v) for k, v in x.items()}
+        return x
+
+    name = state.get("bit_generator")
+    bit_generator_cls = getattr(np.random, str(name), None)
+    if bit_generator_cls is None or not isinstance(bit_generator_cls, type):
+        raise CheckpointError(f"unknown NumPy bit generator {name!r} in saved RNG state")
+    bit_generator = bit_generator_cls()
+    bit_generator.state = decode(state)
+    return np.random.Generator(bit_generator)
+
+
+# ---------------------------------------------------------------------------
+# low-level writing (small functions, so tests can make one fail on purpose)
+# ---------------------------------------------------------------------------
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    """Make a rename or a new file in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(path: Path, arrays: dict) -> str:
+    """Write arrays to ``path`` (host, C-contiguous), fsync, return the file's SHA-256."""
+    host = {}
+    for name, a in arrays.items():
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+            raise TypeError(f"state entry {name!r} is a {type(a).__name__}, not an array")
+        host[name] = np.ascontiguousarray(to_numpy(a))
+    safetensors.numpy.save_file(host, str(path), metadata={"format": "np"})
+    _fsync_file(path)
+    return _sha256(path)
+
+
+def _write_json(path: Path, obj: dict):
+    text = json.dumps(obj, indent=2, default=_to_jsonable)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _siblings(directory: Path):
+    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+
+
+def _recover(directory: Path):
+    """Undo a crash between the two renames of a swap: put ``<name>.old`` back."""
+    _, old = _siblings(directory)
+    if not directory.exists() and (old / META_FILE).is_file():
+        os.replace(old, directory)
+        _fsync_dir(directory.parent)
+
+
+# ---------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------
+
+
+def _write_all(tmp: Path, model_state, config, tokenizer, optimizer_state, step, rng_state, extra):
+    """Write every file of a checkpoint into ``tmp`` and make it durable."""
+    files = {MODEL_FILE: {"sha256": _write_safetensors(tmp / MODEL_FILE, model_state)}}
+    optimizer_scalars = None
+    if optimizer_state is not None:
+        arrays = {k: v for k, v in optimizer_state.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
+        optimizer_scalars = {k: v for k, v in optimizer_state.items() if k not in arrays}
+        files[OPTIMIZER_FILE] = {"sha256": _write_safetensors(tmp / OPTIMIZER_FILE, arrays)}
+    if tokenizer is not None and hasattr(tokenizer, "to_dict"):
+        tokenizer = tokenizer.to_dict()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "config": config,
+        "tokenizer": tokenizer,
+        "optimizer": optimizer_scalars,
+        "rng_state": rng_state,
+        "extra": extra,
+        "files": files,
+    }
+    _write_json(tmp / META_FILE, meta)
+    _fsync_dir(tmp)
+
+
+def save_checkpoint(directory, model_state: dict, config, tokenizer=None, optimizer_state: dict | None = None,
+                    step: int = 0, rng_state: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint to ``directory``, replacing any previous one atomically.
+
+    ``model_state`` maps names to arrays (NumPy or CuPy; copied to the host).
+    ``config`` is a dict or a dataclass (e.g. GPTConfig); ``tokenizer`` a
+    dict or anything with ``to_dict()``. ``optimizer_state`` is an
+    optimizer's ``state_dict()``: its arrays go to ``optimizer.safetensors``,
+    its scalars to ``meta.json``. ``rng_state`` is a JSON-able dict (see
+    ``rng_state_to_json``). ``extra`` is any JSON-able dict (losses, args...).
+    Returns the checkpoint directory.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
+        # The swap would move the whole directory away; never do that to a directory
+        # that holds something other than a checkpoint.
+        raise CheckpointError(f"{directory} exists, is not empty and is not an npflux checkpoint; "
+                              f"refusing to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover(directory)
+    tmp, old = _siblings(directory)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # debris of an earlier interrupted save
+    tmp.mkdir()
+    try:
+        _write_all(tmp, model_state, config, tokenizer, optimizer_state, step, rng_state, extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed process leaves it; the next save removes it
+        raise
+
+    # The swap. Until the first rename, `directory` is the old checkpoint, whole.
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory
+
+
+def _read_safetensors(directory: Path, name: str, expected_sha: str | None) -> dict:
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} is missing {name}")
+    actual = _sha256(path)
+    if expected_sha is not None and actual != expected_sha:
+        raise CheckpointError(f"{path} is damaged or was changed after saving: SHA-256 {actual}, "
+                              f"meta.json records {expected_sha} (truncated copy or interrupted transfer?)")
+    try:
+        return safetensors.numpy.load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def load_checkpoint(directory) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``, checking every file's hash.
+
+    Raises CheckpointNotFound when there is no checkpoint at ``directory``,
+    and CheckpointError for a missing or damaged file or an unknown format
+    version. Arrays come back as host NumPy arrays with the dtypes they were
+    saved in.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        _, old = _siblings(directory)
+        if (old / META_FILE).is_file():
+            warnings.warn(f"{directory} is missing but {old} holds the previous checkpoint "
+                          f"(a save was interrupted); loading that one")
+            directory = old
+        else:
+            raise CheckpointNotFound(f"no checkpoint directory at {directory}")
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it has no {META_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} does not describe an npflux checkpoint")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {directory} has format version {version!r}; "
+                              f"this npflux reads version {FORMAT_VERSION}")
+    files = meta.get("files", {})
+    if MODEL_FILE not in files:
+        raise CheckpointError(f"{meta_path} lists no {MODEL_FILE}")
+    model_state = _read_safetensors(directory, MODEL_FILE, files[MODEL_FILE].get("sha256"))
+    optimizer_state = None
+    if meta.get("optimizer") is not None:
+        if OPTIMIZER_FILE not in files:
+            raise CheckpointError(f"{meta_path} has optimizer scalars but lists no {OPTIMIZER_FILE}")
+        arrays = _read_safetensors(directory, OPTIMIZER_FILE, files[OPTIMIZER_FILE].get("sha256"))
+        optimizer_state = {**meta["optimizer"], **arrays}
+    return Checkpoint(
+        model_state=model_state,
+        config=meta.get("config"),
+        tokenizer=meta.get("tokenizer"),
+        optimizer_state=optimizer_state,
+        step=int(meta.get("step", 0)),
+        rng_state=meta.get("rng_state"),
+        extra=meta.get("extra"),
+        format_version=version,
+    )
