@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from .backend import to_numpy
+from .backend import get_backend, to_numpy
 
 FORMAT = "npflux-checkpoint"
 FORMAT_VERSION = 1
@@ -106,8 +106,15 @@ def rng_state_to_json(rng) -> dict:
     return encode(rng.bit_generator.state)
 
 
-def rng_from_json(state: dict):
-    """A ``numpy.random.Generator`` that continues exactly where the saved one was."""
+def rng_from_json(state: dict, backend=None):
+    """A ``numpy.random.Generator`` that continues exactly where the saved one was.
+
+    ``backend`` may be given for symmetry with ``Backend.rng``; only the NumPy
+    backend's generators have a state that can be saved and restored.
+    """
+    if backend is not None and get_backend(backend).name != "numpy":
+        raise ValueError(f"cannot restore a random generator on backend {get_backend(backend).name!r}; "
+                         f"only NumPy generator states are saved (keep batch sampling on the host)")
     def decode(x):
         if isinstance(x, dict):
             if "__ndarray__" in x:

@@ -67,8 +67,10 @@ def test_rng_state_json_round_trip(bit_generator):
     rng = np.random.Generator(getattr(np.random, bit_generator)(7))
     rng.standard_normal(3)
     state = json.loads(json.dumps(ckpt.rng_state_to_json(rng)))
-    restored = ckpt.rng_from_json(state)
+    restored = ckpt.rng_from_json(state, backend="numpy")
     assert np.array_equal(restored.integers(0, 1 << 30, 20), rng.integers(0, 1 << 30, 20))
+    with pytest.raises(ckpt.CheckpointError, match="bit generator"):
+        ckpt.rng_from_json({**state, "bit_generator": "NoSuchGenerator"})
 
 
 def test_overwrite_replaces_previous(tmp_path):
