@@ -1,0 +1,135 @@
+"""The ``npflux`` command line: thin argparse over the library.
+
+    npflux train --preset shakespeare-s1 [--data PATH] [--out-dir out] [--resume] ...
+    npflux sample --checkpoint out/ckpt --prompt "ROMEO:" --max-new-tokens 500 ...
+    npflux eval --checkpoint out/ckpt --text FILE
+    npflux gradcheck
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def _train(args):
+    from .data import find_corpus, load_text, prepare_char_dataset
+    from .models import GPTConfig
+    from .train import TRAIN_PRESETS, TrainConfig, train
+
+    overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout") if getattr(args, k) is not None}
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
+    path = find_corpus(path=args.data)
+    text = load_text(path)
+    tokenizer, train_ids, val_ids = prepare_char_dataset(text, val_fraction=args.val_fraction)
+    model_config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = dict(TRAIN_PRESETS.get(args.preset, {}))
+    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    settings["progress"] = not args.quiet
+    cfg = TrainConfig(**settings)
+    print(f"data: {path} ({len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
+          f"{len(train_ids):,} train / {len(val_ids):,} val tokens)")
+    model, state = train(model_config, cfg, train_ids, val_ids, tokenizer=tokenizer, resume=args.resume)
+    print(f"checkpoint: {cfg.out_dir}/ckpt   log: {cfg.out_dir}/log.jsonl   plot: {cfg.out_dir}/loss.png")
+    if args.sample_tokens:
+        _print_sample(model, tokenizer, "\n", args.sample_tokens, temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
+
+
+def _print_sample(model, tokenizer, prompt, n, **kw):
+    from .backend import to_numpy
+
+    ids = model.backend.asarray([tokenizer.encode(prompt)])
+    out = to_numpy(model.generate(ids, n, **kw))[0]
+    print(tokenizer.decode(out.tolist()))
+
+
+def _load(args):
+    from .train import model_from_checkpoint
+
+    model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
+    if tokenizer is None:
+        sys.exit(f"{args.checkpoint} has no tokenizer; cannot encode text")
+    return model, tokenizer
+
+
+def _sample(args):
+    model, tokenizer = _load(args)
+    for _ in range(args.num_samples):
+        _print_sample(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        args.seed = None if args.seed is None else args.seed + 1
+
+
+def _eval(args):
+    from .data import load_text
+    from .train import evaluate_text
+
+    model, tokenizer = _load(args)
+    result = evaluate_text(model, tokenizer, load_text(args.text))
+    print(json.dumps(result, indent=2))
+
+
+def _gradcheck(args):
+    from .gradcheck import run_all
+
+    ok = run_all(verbose=True)
+    sys.exit(0 if ok else 1)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="npflux", description="Transformer language models from scratch on NumPy/CuPy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a GPT on a text file (Tiny Shakespeare by default)")
+    t.add_argument("--preset", default="shakespeare-s1", help="model preset (default shakespeare-s1)")
+    t.add_argument("--data", help="text file (default: $NPFLUX_DATA_DIR/tinyshakespeare.txt or data/shakespeare_char/input.txt)")
+    t.add_argument("--out-dir", dest="out_dir")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt exactly where it stopped")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    for name, typ in [("batch_size", int), ("block_size", int), ("max_iters", int), ("eval_interval", int),
+                      ("eval_iters", int), ("learning_rate", float), ("lr_schedule", str), ("warmup_iters", int),
+                      ("min_lr", float), ("weight_decay", float), ("beta1", float), ("beta2", float),
+                      ("grad_clip", float), ("grad_accum", int), ("checkpoint_interval", int),
+                      ("early_stopping_patience", int), ("seed", int), ("backend", str), ("dtype", str),
+                      ("n_embd", int), ("n_head", int), ("n_layer", int), ("dropout", float)]:
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+    t.add_argument("--decay-matrices-only", dest="decay_matrices_only", action="store_const", const=True,
+                   help="weight decay on matrices only (nanoGPT's grouping)")
+    t.add_argument("--sample-tokens", type=int, default=300, help="print a sample of this many tokens at the end (0: none)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--max-new-tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--backend")
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per character of a checkpoint on a text file")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--text", required=True)
+    e.add_argument("--backend")
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("gradcheck", help="numerical gradient check of every op and module")
+    g.set_defaults(func=_gradcheck)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
