@@ -50,17 +50,21 @@ def attention_forward(q, k, v, causal=False, mask=None):
             raise ValueError(f"attention: mask of shape {mask.shape} does not broadcast to {(q.shape[0], q.shape[1], Tq, Tk)}") from None
         allowed = mask if allowed is None else (allowed & mask)
 
-    scores = (q @ k.swapaxes(-1, -2)) * scale
+    # The softmax runs in place on the (B, H, Tq, Tk) scores, the largest array here.
+    weights = (q * scale) @ k.swapaxes(-1, -2)
     if allowed is not None:
-        scores = xp.where(allowed, scores, -xp.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
-    if allowed is not None:
+        xp.copyto(weights, -xp.inf, where=~allowed)
+    row_max = weights.max(axis=-1, keepdims=True)
+    # Causal alone (Tq <= Tk) leaves every row something to see; other masks may not.
+    may_empty = mask is not None or Tq > Tk
+    if may_empty:
         # A row with nothing allowed has max -inf; 0 keeps exp(-inf - 0) = 0.
-        row_max = xp.where(xp.isfinite(row_max), row_max, 0)
-    weights = xp.exp(scores - row_max)
+        row_max[~xp.isfinite(row_max)] = 0
+    weights -= row_max
+    xp.exp(weights, out=weights)
     denom = weights.sum(axis=-1, keepdims=True)
-    if allowed is not None:
-        denom = xp.where(denom > 0, denom, 1)
+    if may_empty:
+        denom[denom == 0] = 1
     weights /= denom
     out = weights @ v
     return out, (q, k, v, weights, scale)
@@ -78,8 +82,11 @@ def attention_backward(dout, cache):
     q, k, v, weights, scale = cache
     dv = weights.swapaxes(-1, -2) @ dout
     dweights = dout @ v.swapaxes(-1, -2)
-    dscores = weights * (dweights - (dweights * weights).sum(axis=-1, keepdims=True))
-    dscores *= scale
-    dq = dscores @ k
-    dk = dscores.swapaxes(-1, -2) @ q
+    # dscores overwrites dweights in place; scale goes on the smaller q/k side.
+    row_dot = (dweights * weights).sum(axis=-1, keepdims=True)
+    dscores = dweights
+    dscores -= row_dot
+    dscores *= weights
+    dq = (dscores @ k) * scale
+    dk = (dscores.swapaxes(-1, -2) @ q) * scale
     return dq, dk, dv

@@ -24,10 +24,11 @@ def linear_forward(x, w, b=None):
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"linear: b has shape {b.shape}, expected ({w.shape[1]},)")
     _check_same_dtype(x, w, b)
-    y = x @ w
+    # One 2-D matmul over all leading positions: faster than a stacked 3-D one.
+    y = x.reshape(-1, w.shape[0]) @ w
     if b is not None:
         y += b
-    return y, (x, w, b is not None)
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
 
 
 def linear_backward(dy, cache):
@@ -41,9 +42,8 @@ def linear_backward(dy, cache):
     """
     x, w, has_bias = cache
     xp = get_array_module(dy)
-    dx = dy @ w.T
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    dw = x2.T @ dy2
+    dy2 = dy.reshape(-1, w.shape[1])
+    dx = (dy2 @ w.T).reshape(x.shape)
+    dw = x.reshape(-1, w.shape[0]).T @ dy2
     db = xp.sum(dy2, axis=0) if has_bias else None
     return dx, dw, db
