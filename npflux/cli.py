@@ -14,14 +14,20 @@ import sys
 
 
 def _train(args):
-    from .data import find_corpus, load_text, prepare_char_dataset
+    from .data import download_tinyshakespeare, find_corpus, load_text, prepare_char_dataset
     from .models import GPTConfig
     from .train import TRAIN_PRESETS, TrainConfig, train
 
     overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout") if getattr(args, k) is not None}
     if args.block_size is not None:
         overrides["block_size"] = args.block_size
-    path = find_corpus(path=args.data)
+    try:
+        path = find_corpus(path=args.data)
+    except FileNotFoundError:
+        if not args.download or args.data:
+            raise
+        print("downloading Tiny Shakespeare (1.1 MB, SHA-256 checked) ...")
+        path = download_tinyshakespeare()
     text = load_text(path)
     tokenizer, train_ids, val_ids = prepare_char_dataset(text, val_fraction=args.val_fraction)
     model_config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
@@ -87,6 +93,7 @@ def build_parser():
     t = sub.add_parser("train", help="train a GPT on a text file (Tiny Shakespeare by default)")
     t.add_argument("--preset", default="shakespeare-s1", help="model preset (default shakespeare-s1)")
     t.add_argument("--data", help="text file (default: $NPFLUX_DATA_DIR/tinyshakespeare.txt or data/shakespeare_char/input.txt)")
+    t.add_argument("--download", action="store_true", help="download Tiny Shakespeare if no local copy is found")
     t.add_argument("--out-dir", dest="out_dir")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt exactly where it stopped")
     t.add_argument("--val-fraction", type=float, default=0.1)
