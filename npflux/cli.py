@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -42,7 +43,8 @@ def _train(args):
     model, state = train(model_config, cfg, train_ids, val_ids, tokenizer=tokenizer, resume=args.resume)
     print(f"checkpoint: {cfg.out_dir}/ckpt   log: {cfg.out_dir}/log.jsonl   plot: {cfg.out_dir}/loss.png")
     if args.sample_tokens:
-        _print_sample(model, tokenizer, "\n", args.sample_tokens, temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
+        prompt = "\n" if "\n" in text else text[0]  # the prompt must be in the text's vocabulary
+        _print_sample(model, tokenizer, prompt, args.sample_tokens, temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
 
 
 def _print_sample(model, tokenizer, prompt, n, **kw):
@@ -134,8 +136,17 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (OSError, ValueError, KeyError) as exc:
+        # Missing files, damaged checkpoints, unknown presets or characters: a one-line
+        # message and exit status 1 instead of a traceback (NPFLUX_DEBUG=1 shows it).
+        if os.environ.get("NPFLUX_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        parser.exit(1, f"npflux {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

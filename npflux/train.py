@@ -296,6 +296,7 @@ def evaluate_text(model, tokenizer, text, batch_size=16):
     n_windows = max(1, (len(ids) - 1) // T)
     windows = [ids[i * T : i * T + T + 1] for i in range(n_windows)]
     total_loss, total_tokens = 0.0, 0
+    was_training = model.training
     model.eval()
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
@@ -306,6 +307,7 @@ def evaluate_text(model, tokenizer, text, batch_size=16):
         total_loss += float(loss) * n
         total_tokens += n
     model.loss_cache = None
+    model.train(was_training)
     mean = total_loss / total_tokens
     chars = len(tokenizer.decode(ids[: n_windows * T + 1][1:].tolist()))
     return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": total_loss / math.log(2) / max(chars, 1),
