@@ -1,4 +1,4 @@
 """Models compose modules: GPT (decoder-only)."""
-from .gpt import GPT, PRESETS, GPTConfig, normalize_gpt2_state_dict
+from .gpt import GPT, PRESETS, GPTConfig, load_gpt2_safetensors, normalize_gpt2_state_dict
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "normalize_gpt2_state_dict"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "load_gpt2_safetensors", "normalize_gpt2_state_dict"]

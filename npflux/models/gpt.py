@@ -203,7 +203,38 @@ def normalize_gpt2_state_dict(state, config: GPTConfig):
         out[name] = value
     if config.tie_weights and "lm_head.weight" in out:
         head = to_numpy(out.pop("lm_head.weight"))
-        wte = to_numpy(out["transformer.wte.weight"])
+        wte = to_numpy(out.get("transformer.wte.weight", head))  # a missing wte is reported by the load
         if head.shape != wte.shape or not (head == wte).all():
             raise ValueError("lm_head.weight differs from transformer.wte.weight but the model ties them")
     return out
+
+
+def load_gpt2_safetensors(path, config: GPTConfig = None, n_head: int = None, seed: int = 0,
+                          backend=None, dtype=None) -> GPT:
+    """A GPT with the weights of a GPT-2 ``model.safetensors`` in the Hugging Face layout.
+
+    Keys may carry the "transformer." prefix or not, and may include the
+    ``attn.bias`` mask buffers and a tied ``lm_head.weight`` (see
+    ``normalize_gpt2_state_dict``). Without ``config``, a GPT-2 style config
+    (GELU, all biases, tied lm_head) is inferred from the shapes: vocab_size
+    and n_embd from wte (V, C), block_size from wpe (T, C), n_layer from the
+    number of blocks. The head count cannot be read from the shapes: it is
+    ``n_head``, by default n_embd // 64 (GPT-2's head width).
+    """
+    from safetensors.numpy import load_file
+
+    state = load_file(str(path))
+    if config is None:
+        norm = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in state.items()}
+        for key in ("transformer.wte.weight", "transformer.wpe.weight"):
+            if key not in norm or norm[key].ndim != 2:
+                raise ValueError(f"load_gpt2_safetensors: {path} has no 2-d {key} (is it a GPT-2 checkpoint?)")
+        vocab_size, n_embd = norm["transformer.wte.weight"].shape
+        block_size = norm["transformer.wpe.weight"].shape[0]
+        n_layer = len({k.split(".")[2] for k in norm if k.startswith("transformer.h.")})
+        if n_head is None:
+            n_head = max(n_embd // 64, 1)
+        config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model = GPT(config, seed=seed, backend=backend, dtype=dtype)
+    model.load_state_dict(state)
+    return model
