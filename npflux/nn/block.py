@@ -16,6 +16,8 @@ class Block(Module):
                  rng=None, dropout_rng=None, backend=None, dtype=None):
         super().__init__(backend, dtype)
         rng = _host_rng(rng)
+        if dropout_rng is None:  # one generator for all sub-layers, or each would draw the same masks
+            dropout_rng = self.backend.rng(0)
         kw = dict(backend=backend, dtype=dtype)
         drop = dict(dropout=dropout, dropout_rng=dropout_rng, proj_std=proj_std, rng=rng, **kw)
         self.ln_1 = LayerNorm(dim, eps, **kw)

@@ -91,13 +91,20 @@ class Module:
         unexpected = [k for k in state if k not in params]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        # Check every array before copying any, so a rejected state dict leaves the module untouched.
+        loaded = {}
         for name, value in state.items():
             if name not in params:
                 continue
             target = params[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
-            target[...] = self.backend.asarray(value, dtype=target.dtype)
+            value = self.backend.asarray(value, dtype=target.dtype)
+            if not bool(self.xp.isfinite(value).all()):
+                raise ValueError(f"load_state_dict: {name} holds values that are not finite (NaN or inf)")
+            loaded[name] = value
+        for name, value in loaded.items():
+            params[name][...] = value
         return missing, unexpected
 
 
