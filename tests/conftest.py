@@ -1,0 +1,93 @@
+"""Shared pytest fixtures and settings for the npflux test suite.
+
+- ``torch``: PyTorch, the test oracle (the tests that need it skip without it).
+- ``backend`` / ``backend_params()``: parametrise a test over the array
+  backends; NumPy always runs, CuPy runs only where it imports and sees a GPU
+  (otherwise that parameter is *skipped* with a clear reason, never failed).
+- Hypothesis runs under the ``npflux`` profile: no deadline (the CI machines
+  are shared and slow), 25 examples per property by default; set
+  ``NPFLUX_HYPOTHESIS_EXAMPLES=500`` for a deeper search, or
+  ``HYPOTHESIS_PROFILE=<name>`` to pick another registered profile.
+- ``shared_data_dir``: the folder with the real corpora (``$NPFLUX_DATA_DIR``
+  or ``../../shared/data`` next to the checkout), skipped where missing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from npflux.backend import cupy_available, get_backend
+
+# --------------------------------------------------------------------------
+# Hypothesis
+# --------------------------------------------------------------------------
+settings.register_profile(
+    "npflux",
+    deadline=None,
+    max_examples=int(os.environ.get("NPFLUX_HYPOTHESIS_EXAMPLES", "25")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "npflux"))
+
+# --------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------
+CUPY_SKIP_REASON = "CuPy or a CUDA GPU not available"
+_CUPY = None
+
+
+def _cupy_ok() -> bool:
+    global _CUPY
+    if _CUPY is None:
+        _CUPY = cupy_available()
+    return _CUPY
+
+
+def backend_params():
+    """``pytest.param`` objects for every backend name, CuPy skipped where unusable.
+
+    Use as ``@pytest.mark.parametrize("backend_name", backend_params())``.
+    """
+    return [
+        pytest.param("numpy", id="numpy"),
+        pytest.param(
+            "cupy",
+            id="cupy",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not _cupy_ok(), reason=CUPY_SKIP_REASON)],
+        ),
+    ]
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """A ``npflux.backend.Backend``: NumPy, and CuPy where a GPU is usable."""
+    return get_backend(request.param)
+
+
+@pytest.fixture
+def xp(backend):
+    """The array module of the ``backend`` fixture."""
+    return backend.xp
+
+
+# --------------------------------------------------------------------------
+# Oracles and data
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch (CPU is enough); tests using it skip where it is not installed."""
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The directory holding the real corpora; the test skips where it does not exist."""
+    env = os.environ.get("NPFLUX_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data directory {path} not found (set NPFLUX_DATA_DIR)")
+    return path

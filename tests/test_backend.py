@@ -1,0 +1,236 @@
+"""npflux.backend: choosing NumPy or CuPy, dtypes, scatter-add, and the one-backend rule."""
+from __future__ import annotations
+
+import ast
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import npflux
+from npflux import backend as B
+from npflux.backend import (
+    BackendUnavailable,
+    check_float,
+    check_int,
+    cupy_available,
+    get_array_module,
+    get_backend,
+    resolve_dtype,
+    scatter_add_rows,
+    to_numpy,
+)
+
+from conftest import backend_params
+
+PKG = Path(npflux.__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------
+# get_backend
+# --------------------------------------------------------------------------
+def test_get_backend_numpy_by_name():
+    be = get_backend("numpy")
+    assert be.name == "numpy" and be.xp is np
+    assert get_backend("NumPy") is be  # names are case-insensitive, backends cached
+    assert get_backend(be) is be  # a Backend passes through
+
+
+def test_get_backend_default_is_numpy(monkeypatch):
+    monkeypatch.delenv("NPFLUX_BACKEND", raising=False)
+    assert get_backend().name == "numpy"
+    monkeypatch.setenv("NPFLUX_BACKEND", "")
+    assert get_backend().name == "numpy"
+
+
+def test_get_backend_from_env(monkeypatch):
+    monkeypatch.setenv("NPFLUX_BACKEND", "numpy")
+    assert get_backend().xp is np
+    monkeypatch.setenv("NPFLUX_BACKEND", "tensorflow")
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_backend()
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        get_backend("jax")
+
+
+@pytest.mark.skipif(cupy_available(), reason="CuPy and a GPU are available here")
+def test_cupy_unavailable_is_clear():
+    with pytest.raises(BackendUnavailable, match="cupy"):
+        get_backend("cupy")
+    assert issubclass(BackendUnavailable, RuntimeError)
+
+
+def test_cupy_missing_message(monkeypatch):
+    """Simulated: CuPy not installed -> BackendUnavailable naming the fix."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    monkeypatch.setattr(B, "_BACKENDS", {})
+    with pytest.raises(BackendUnavailable, match="not installed"):
+        get_backend("cupy")
+    assert not cupy_available()
+
+
+def test_cupy_without_gpu_message(monkeypatch):
+    """Simulated: CuPy imports but the CUDA runtime finds no device."""
+    fake = types.ModuleType("cupy")
+
+    def no_device():
+        raise RuntimeError("cudaErrorNoDevice")
+
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(B, "_BACKENDS", {})
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
+        get_backend("cupy")
+
+    fake.cuda.runtime.getDeviceCount = lambda: 0
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
+        get_backend("cupy")
+
+
+@pytest.mark.parametrize("backend_name", backend_params())
+def test_backend_roundtrip(backend_name):
+    be = get_backend(backend_name)
+    host = np.arange(6, dtype=np.float32).reshape(2, 3)
+    dev = be.asarray(host)
+    assert get_array_module(dev) is be.xp
+    assert B.backend_of(dev) == be
+    np.testing.assert_array_equal(to_numpy(dev), host)
+    a = be.rng(3).standard_normal(4)
+    b = be.rng(3).standard_normal(4)
+    np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+# --------------------------------------------------------------------------
+# get_array_module, dtypes, type checks
+# --------------------------------------------------------------------------
+def test_get_array_module():
+    assert get_array_module(np.zeros(2)) is np
+    assert get_array_module(1.0, [1, 2], None) is np
+    assert get_array_module() is np
+
+
+def test_resolve_dtype():
+    assert resolve_dtype() == np.float32
+    assert resolve_dtype("float64") == np.float64
+    assert resolve_dtype(np.float16) == np.float16
+    for bad in ("int32", np.int64, "bool", "complex64"):
+        with pytest.raises(TypeError):
+            resolve_dtype(bad)
+    with pytest.raises(TypeError):
+        resolve_dtype("not-a-dtype")
+
+
+def test_check_float_and_int():
+    check_float(np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+        check_float(np.zeros(2, np.int64), "x")
+    with pytest.raises(TypeError):
+        check_float([1.0, 2.0])
+    check_int(np.zeros(2, np.uint8))
+    with pytest.raises(TypeError, match="integer"):
+        check_int(np.zeros(2, np.float32))
+
+
+# --------------------------------------------------------------------------
+# scatter_add_rows: repeated ids must ACCUMULATE
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("V", [1, 7, B.ONE_HOT_MAX_ROWS, B.ONE_HOT_MAX_ROWS + 1, 1000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scatter_add_rows_accumulates(V, dtype):
+    """Both the one-hot path (V <= 256) and the sort + reduceat path (V > 256) equal np.add.at."""
+    rng = np.random.default_rng(V)
+    N, C = 50, 3
+    ids = rng.integers(0, min(V, 5), N)  # few distinct ids: many repeats
+    ids[:3] = V - 1
+    rows = rng.standard_normal((N, C)).astype(dtype)
+    start = rng.standard_normal((V, C)).astype(dtype)
+    expected = start.astype(np.float64)
+    np.add.at(expected, ids, rows.astype(np.float64))
+    out = start.copy()
+    result = scatter_add_rows(out, ids, rows)
+    assert result is out  # in place
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+
+
+@given(V=st.integers(1, 600), N=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_scatter_add_rows_property(V, N, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, N)
+    rows = rng.standard_normal((N, 2))
+    expected = np.zeros((V, 2))
+    np.add.at(expected, ids, rows)
+    out = scatter_add_rows(np.zeros((V, 2)), ids, rows)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Only backend.py imports NumPy or CuPy
+# --------------------------------------------------------------------------
+def _scanned_files():
+    files = []
+    for sub in ("ops", "nn", "models"):
+        files += sorted((PKG / sub).rglob("*.py"))
+    if (PKG / "optim.py").exists():
+        files.append(PKG / "optim.py")
+    return [f for f in files if f.name != "gradcheck.py"]
+
+
+def _array_module_imports(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ("numpy", "cupy", "cupyx"):
+                try:
+                    shown = path.relative_to(PKG.parent)
+                except ValueError:
+                    shown = path
+                bad.append(f"{shown}:{node.lineno}: imports {name}")
+    return bad
+
+
+def test_compute_code_never_imports_numpy_or_cupy():
+    """Ops, modules, models and the optimizer get their array module from ``npflux.backend``.
+
+    That is what lets the same line run on NumPy and on CuPy: code that did
+    ``import numpy`` would silently pull GPU arrays back to the host (or fail
+    on them). So no module under npflux/ops, npflux/nn, npflux/models, nor
+    npflux/optim.py, may import numpy, cupy or cupyx; it asks
+    ``get_array_module(x)`` / ``backend.xp`` instead.
+
+    Allowed elsewhere: backend.py (the one place that knows both),
+    gradcheck.py (a float64 host-side checking tool), and the host-side I/O
+    modules -- data.py, checkpoint.py and tokenizers/ -- which read files and
+    build token arrays on the host before anything is put on a device.
+    Imports are found with ``ast`` so a docstring mentioning ``import numpy``
+    is not a violation.
+    """
+    files = _scanned_files()
+    assert any(f.parent.name == "ops" for f in files), "npflux/ops not found"
+    violations = [v for f in files for v in _array_module_imports(f)]
+    assert not violations, "array modules imported outside backend.py:\n" + "\n".join(violations)
+
+
+def test_source_scan_detects_an_import(tmp_path):
+    """The scanner itself works (guards against a scan that silently finds nothing)."""
+    f = tmp_path / "pkg" / "mod.py"
+    f.parent.mkdir()
+    f.write_text('"""import numpy in a docstring is fine"""\nimport os\nfrom numpy import linalg\n'
+                 'def g():\n    import cupy as cp\nfrom . import backend\n')
+    hits = _array_module_imports(f)
+    assert len(hits) == 2 and ":3:" in hits[0] and ":5:" in hits[1]
