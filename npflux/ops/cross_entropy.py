@@ -32,7 +32,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     count = int(valid.sum())
     loss = (nll * valid).sum() / max(count, 1)
     probs = exp / sumexp[:, None]
-    return loss.astype(logits.dtype), (probs, t_safe, valid, count, logits.shape)
+    return xp.asarray(loss, dtype=logits.dtype), (probs, t_safe, valid, count, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
