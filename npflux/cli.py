@@ -4,6 +4,7 @@
     npflux sample --checkpoint out/ckpt --prompt "ROMEO:" --max-new-tokens 500 ...
     npflux eval --checkpoint out/ckpt --text FILE
     npflux gradcheck
+    npflux bench [--threads N] [--reps 5] [--no-torch] [--json PATH]
 """
 from __future__ import annotations
 
@@ -88,6 +89,12 @@ def _gradcheck(args):
     sys.exit(0 if ok else 1)
 
 
+def _bench(args):
+    from .bench import run_quick
+
+    run_quick(threads=args.threads, reps=args.reps, use_torch=args.torch, json_path=args.json)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="npflux", description="Transformer language models from scratch on NumPy/CuPy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +139,13 @@ def build_parser():
 
     g = sub.add_parser("gradcheck", help="numerical gradient check of every op and module")
     g.set_defaults(func=_gradcheck)
+
+    b = sub.add_parser("bench", help="quick npflux vs PyTorch timing: training step (s1, s2) and generation")
+    b.add_argument("--threads", type=int, help="torch threads (default: all cores; see benchmarks/README.md)")
+    b.add_argument("--reps", type=int, default=5, help="timed repeats per candidate (median reported)")
+    b.add_argument("--no-torch", dest="torch", action="store_false", help="npflux only")
+    b.add_argument("--json", help="also write the results as JSON here")
+    b.set_defaults(func=_bench)
     return p
 
 
