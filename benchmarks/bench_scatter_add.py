@@ -1,11 +1,11 @@
-"""Scatter-add (the embedding backward): np.add.at vs one-hot matmul vs sorted reduceat.
+"""Scatter-add (the embedding backward): np.add.at vs one-hot matmul vs sorted reduceat vs flat bincount.
 
     python benchmarks/bench_scatter_add.py [--quick] [--reps 50] [--threads N]
 
 Cases (N ids, V rows, C columns): a char vocabulary (65) and a 10k one, at
 16 x 32 = 512 and 64 x 256 = 16,384 ids. ``scatter_add_rows`` is
-npflux.backend's choice (one-hot up to ONE_HOT_MAX_ROWS rows, reduceat
-above); torch's index_add_ is a reference. The one-hot matrix is skipped when
+npflux.backend's choice (one-hot up to ONE_HOT_MAX_ROWS rows; above,
+add.at when there are fewer ids than rows, else a flat bincount); torch's index_add_ is a reference. The one-hot matrix is skipped when
 it would exceed 256 MB.
 """
 import _env  # noqa: F401  (threads before numpy)

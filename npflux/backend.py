@@ -155,10 +155,12 @@ def scatter_add_rows(out, ids, rows):
     ``out`` is (V, C), ``ids`` is (N,) and ``rows`` (N, C). Plain fancy-index
     assignment ``out[ids] += rows`` would keep only the last of repeated ids.
     ``numpy.add.at`` does it right but slowly, so on NumPy a small table (a
-    character vocabulary) takes one matrix product with a one-hot matrix,
-    and a larger one sorts the ids and sums each run with ``add.reduceat``
-    (benchmarks/bench_scatter_add.py measures all three). CuPy has an atomic
-    scatter-add kernel.
+    character vocabulary) takes one matrix product with a one-hot matrix
+    (about 5x faster than add.at at 16k ids), and a larger one, when there
+    are more ids than rows, a single ``bincount`` over flattened (row, column)
+    indices (about 2x faster than add.at at 16k ids into 10k rows); with fewer
+    ids than rows, add.at is as fast as anything. benchmarks/bench_scatter_add.py
+    measures them all. CuPy has an atomic scatter-add kernel.
     """
     xp = get_array_module(out)
     if xp is not numpy:
@@ -173,8 +175,14 @@ def scatter_add_rows(out, ids, rows):
         one_hot[numpy.arange(ids.size), ids] = 1
         out += one_hot.T @ rows
         return out
-    order = numpy.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    starts = numpy.flatnonzero(numpy.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    out[sorted_ids[starts]] += numpy.add.reduceat(rows[order], starts, axis=0)
+    V, C = out.shape
+    if ids.size < V:
+        # Few ids in a large table: bincount would spend its time on the V*C zeros.
+        numpy.add.at(out, ids, rows)
+        return out
+    # One bincount over flat (row, column) indices; it sums in float64, which
+    # only makes the float32 result more accurate, and is cast back.
+    flat = (ids[:, None] * C + numpy.arange(C)).ravel()
+    sums = numpy.bincount(flat, weights=rows.ravel(), minlength=V * C)
+    out += sums.reshape(V, C).astype(out.dtype, copy=False)
     return out

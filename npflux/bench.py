@@ -817,8 +817,13 @@ def scatter_add_methods():
         starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
         out[s[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
+    def bincount(out, ids, rows):
+        V, C = out.shape
+        flat = (ids[:, None] * C + np.arange(C)).ravel()
+        out += np.bincount(flat, weights=rows.ravel(), minlength=V * C).reshape(V, C).astype(out.dtype)
+
     return {"add_at": add_at, "one_hot_matmul": one_hot, "sorted_reduceat": reduceat,
-            "scatter_add_rows": scatter_add_rows}
+            "flat_bincount": bincount, "scatter_add_rows": scatter_add_rows}
 
 
 def bench_scatter_add(cases=None, reps=20, warmup=2, use_torch=True, one_hot_limit_mb=256, log=print):
@@ -858,6 +863,7 @@ def bench_scatter_add(cases=None, reps=20, warmup=2, use_torch=True, one_hot_lim
 
 SCATTER_COLUMNS = [("N", "ids N", "{}"), ("V", "rows V", "{}"), ("C", "C", "{}"), ("add_at_us", "np.add.at us", "{:,.0f}"),
                    ("one_hot_matmul_us", "one-hot us", "{:,.0f}"), ("sorted_reduceat_us", "reduceat us", "{:,.0f}"),
+                   ("flat_bincount_us", "bincount us", "{:,.0f}"),
                    ("scatter_add_rows_us", "scatter_add_rows us", "{:,.0f}"),
                    ("torch_index_add_us", "torch index_add_ us", "{:,.0f}")]
 
