@@ -24,7 +24,6 @@ directory at a time.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ import numpy as np
 import safetensors.numpy
 
 from .backend import get_backend, to_numpy
+from .data import sha256_file
 
 FORMAT = "npflux-checkpoint"
 FORMAT_VERSION = 1
@@ -136,12 +136,7 @@ def rng_from_json(state: dict, backend=None):
 # ---------------------------------------------------------------------------
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _fsync_file(path):
