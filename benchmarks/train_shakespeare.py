@@ -58,6 +58,8 @@ def parse_args():
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--beta2", type=float)
     p.add_argument("--grad-clip", type=float, help="0 disables")
+    p.add_argument("--init", choices=["normal", "torch"], help="weight init (GPTConfig.init; default: the recipe's)")
+    p.add_argument("--dropout", type=float, help="model dropout (default: the preset's)")
     p.add_argument("--no-scaled-init", dest="scaled_proj_init", action="store_false", default=None)
     p.add_argument("--eval-iters", type=int, default=200, help="batches per final evaluation")
     p.add_argument("--eval-interval", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
@@ -183,8 +185,11 @@ def main():
     path = find_corpus(path=args.data)
     tok, train_ids, val_ids = prepare_char_dataset(load_text(path))
     r = settings_from(args)
+    overrides = {} if args.dropout is None else {"dropout": args.dropout}
+    if args.init is not None:
+        overrides["init"] = args.init
     mcfg = GPTConfig.from_preset(args.preset, vocab_size=tok.vocab_size, block_size=args.block_size,
-                                 scaled_proj_init=r.pop("scaled_proj_init"))
+                                 scaled_proj_init=r.pop("scaled_proj_init"), **overrides)
     tcfg = TrainConfig(batch_size=args.batch_size, block_size=args.block_size, max_iters=args.iters,
                        eval_iters=args.eval_iters, seed=args.seed, progress=False, **r)
     name = f"train_{args.preset}_{args.recipe}"

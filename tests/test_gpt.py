@@ -599,7 +599,7 @@ def test_forward_errors():
 
 
 @pytest.mark.parametrize("bad", [dict(n_embd=10, n_head=3), dict(n_layer=0), dict(activation="tanh"),
-                                 dict(dropout=1.0)])
+                                 dict(dropout=1.0), dict(init="xavier")])
 def test_config_errors(bad):
     with pytest.raises(ValueError):
         GPTConfig(**{**GPT2_LAYOUT, **bad})
@@ -610,3 +610,32 @@ def test_config_dict_roundtrip():
     assert GPTConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError):
         GPTConfig.from_dict({**c.to_dict(), "nonsense": 1})
+
+
+def test_torch_default_init_matches_torch_layers():
+    """init="torch" draws what nn.Embedding / nn.Linear draw by default (the published small model's init)."""
+    torch = pytest.importorskip("torch")
+    cfg = GPTConfig.from_preset("shakespeare-s2", init="torch")
+    params = GPT(cfg, seed=3).params
+    torch.manual_seed(0)
+    C = cfg.n_embd
+    ref = {"emb": torch.nn.Embedding(cfg.vocab_size, C).weight, "fc": torch.nn.Linear(C, 4 * C).weight,
+           "proj": torch.nn.Linear(4 * C, C).weight, "proj_b": torch.nn.Linear(4 * C, C).bias}
+    ref = {k: v.detach().double().numpy() for k, v in ref.items()}
+    ours = params["transformer.wte.weight"]
+    assert abs(ours.std() - 1) < 0.05 and abs(ref["emb"].std() - 1) < 0.05  # N(0, 1) both
+    fan_in = {"fc": C, "proj": 4 * C, "proj_b": 4 * C}
+    pairs = [("transformer.h.0.mlp.c_fc.weight", "fc"), ("transformer.h.2.mlp.c_proj.weight", "proj"),
+             ("transformer.h.2.mlp.c_proj.bias", "proj_b")]
+    for name, key in pairs:
+        # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) both: the same bound, filled up to it, the same spread
+        b = 1 / np.sqrt(fan_in[key])
+        for a in (params[name], ref[key]):
+            assert np.abs(a).max() <= b and np.abs(a).max() > 0.95 * b, name
+            assert abs(a.std() * np.sqrt(3) / b - 1) < 0.1, name
+    bound = 1 / np.sqrt(C)
+    for name in ("transformer.h.0.attn.c_attn.weight", "lm_head.weight", "lm_head.bias"):
+        a = params[name]
+        assert a.max() <= bound and a.min() >= -bound and a.max() > 0.95 * bound, name
+    assert np.all(params["transformer.h.0.ln_1.weight"] == 1) and np.all(params["transformer.ln_f.bias"] == 0)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg

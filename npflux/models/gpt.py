@@ -31,6 +31,7 @@ class GPTConfig:
     lm_head_bias: bool = False
     layer_norm_eps: float = 1e-5
     scaled_proj_init: bool = False  # GPT-2's std 0.02/sqrt(2 n_layer) for the residual projections
+    init: str = "normal"         # "normal": N(0, 0.02) as GPT-2; "torch": PyTorch's layer defaults (see below)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -42,6 +43,8 @@ class GPTConfig:
             raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("normal", "torch"):
+            raise ValueError(f"init must be 'normal' or 'torch', got {self.init!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -108,7 +111,32 @@ class GPT(Module):
             self.lm_head.add_param("weight", init_rng.normal(0.0, 0.02, (c.vocab_size, c.n_embd)))
         if c.lm_head_bias:
             self.lm_head.add_param("bias", self.xp.zeros(c.vocab_size))
+        if c.init == "torch":
+            self._torch_default_init(init_rng)
         self.loss_cache = None
+
+    def _torch_default_init(self, rng):
+        """Re-draw the weights as PyTorch's layers initialise themselves.
+
+        The small published char model (the lecture's gpt.py before it gained
+        _init_weights) never re-initialises, so it trains from these defaults:
+        nn.Embedding ~ N(0, 1); nn.Linear weight and bias ~ U(-1/sqrt(fan_in),
+        1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)); LayerNorm ones and
+        zeros. npflux's Linear stores (in, out), so fan_in is weight.shape[0];
+        the lm_head stores (vocab, C), so its fan_in is C.
+        """
+        C = self.config.n_embd
+        for name, p in self.params.items():
+            owner, _, kind = name.rpartition(".")
+            if owner.startswith("transformer.w"):        # wte, wpe
+                new = rng.standard_normal(p.shape)
+            elif ".ln" in f".{owner}":                     # layer norms keep ones and zeros
+                continue
+            else:
+                fan_in = C if owner == "lm_head" else self.params[f"{owner}.weight"].shape[0]
+                bound = 1.0 / math.sqrt(fan_in)
+                new = rng.uniform(-bound, bound, p.shape)
+            p[...] = self.backend.asarray(new, dtype=p.dtype)
 
     # -- the lm_head reads wte's matrix when tied --------------------------------
     def _head_weight(self):

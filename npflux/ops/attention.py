@@ -50,24 +50,59 @@ def attention_forward(q, k, v, causal=False, mask=None):
             raise ValueError(f"attention: mask of shape {mask.shape} does not broadcast to {(q.shape[0], q.shape[1], Tq, Tk)}") from None
         allowed = mask if allowed is None else (allowed & mask)
 
-    # The softmax runs in place on the (B, H, Tq, Tk) scores, the largest array here.
-    weights = (q * scale) @ k.swapaxes(-1, -2)
-    if allowed is not None:
-        xp.copyto(weights, -xp.inf, where=~allowed)
-    row_max = weights.max(axis=-1, keepdims=True)
-    # Causal alone (Tq <= Tk) leaves every row something to see; other masks may not.
-    may_empty = mask is not None or Tq > Tk
-    if may_empty:
-        # A row with nothing allowed has max -inf; 0 keeps exp(-inf - 0) = 0.
-        row_max[~xp.isfinite(row_max)] = 0
-    weights -= row_max
-    xp.exp(weights, out=weights)
-    denom = weights.sum(axis=-1, keepdims=True)
-    if may_empty:
-        denom[denom == 0] = 1
-    weights /= denom
-    out = weights @ v
+    blocked = None if allowed is None else ~allowed
+    B = q.shape[0]
+    weights = xp.empty((B, q.shape[1], Tq, Tk), dtype=q.dtype)
+    out = xp.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+    qs = q * scale
+    # The (B, H, Tq, Tk) weights are the largest array here. Working through
+    # them a few batch rows at a time keeps each chunk in the CPU cache across
+    # the softmax's passes (max, subtract, exp, sum, divide), which then cost
+    # one trip to memory instead of six. The math is the same for any chunk.
+    for rows in _batch_chunks(xp, weights):
+        w = weights[rows]
+        xp.matmul(qs[rows], k[rows].swapaxes(-1, -2), out=w)
+        _masked_softmax_(xp, w, _rows_of(blocked, rows), may_be_empty=mask is not None or Tq > Tk)
+        xp.matmul(w, v[rows], out=out[rows])
     return out, (q, k, v, weights, scale)
+
+
+def _masked_softmax_(xp, s, blocked, may_be_empty):
+    """s <- softmax(s with -inf where ``blocked``) over the last axis, in place.
+
+    A row with nothing allowed gets all-zero weights: its max is -inf, which
+    is replaced by 0 so that exp(-inf - 0) = 0, and its sum 0 by 1.
+    (Causal alone with Tq <= Tk leaves every row something to see.)
+    """
+    if blocked is not None:
+        xp.copyto(s, -xp.inf, where=blocked)
+    row_max = s.max(axis=-1, keepdims=True)
+    if may_be_empty:
+        row_max[~xp.isfinite(row_max)] = 0
+    s -= row_max
+    xp.exp(s, out=s)
+    denom = s.sum(axis=-1, keepdims=True)
+    if may_be_empty:
+        denom[denom == 0] = 1
+    s /= denom
+
+
+_CHUNK_BYTES = 1 << 20  # about L2-sized; one batch row at least
+
+
+def _batch_chunks(xp, a):
+    """Slices over a's first axis, each ~_CHUNK_BYTES; the whole axis at once off the CPU."""
+    n = a.shape[0]
+    per_row = max(a[:1].nbytes, 1)
+    step = n if xp.__name__ != "numpy" else max(1, min(n, _CHUNK_BYTES // per_row))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _rows_of(mask, rows):
+    """The part of a (broadcastable) mask that goes with batch rows ``rows``."""
+    if mask is None or mask.ndim < 4 or mask.shape[0] == 1:
+        return mask
+    return mask[rows]
 
 
 def attention_backward(dout, cache):
@@ -80,13 +115,19 @@ def attention_backward(dout, cache):
     Masked positions have P = 0, so dS = 0 there and nothing leaks through them.
     """
     q, k, v, weights, scale = cache
-    dv = weights.swapaxes(-1, -2) @ dout
-    dweights = dout @ v.swapaxes(-1, -2)
-    # dscores overwrites dweights in place; scale goes on the smaller q/k side.
-    row_dot = (dweights * weights).sum(axis=-1, keepdims=True)
-    dscores = dweights
-    dscores -= row_dot
-    dscores *= weights
-    dq = (dscores @ k) * scale
-    dk = (dscores.swapaxes(-1, -2) @ q) * scale
+    xp = get_array_module(dout)
+    dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+    # Chunked like the forward, so dP and dS of a chunk stay in cache.
+    for rows in _batch_chunks(xp, weights):
+        P = weights[rows]
+        xp.matmul(P.swapaxes(-1, -2), dout[rows], out=dv[rows])
+        dscores = dout[rows] @ v[rows].swapaxes(-1, -2)  # dP, then dS in place
+        row_dot = (dscores * P).sum(axis=-1, keepdims=True)
+        dscores -= row_dot
+        dscores *= P
+        xp.matmul(dscores, k[rows], out=dq[rows])
+        xp.matmul(dscores.swapaxes(-1, -2), q[rows], out=dk[rows])
+    # scale goes on the smaller q/k side
+    dq *= scale
+    dk *= scale
     return dq, dk, dv

@@ -1,5 +1,5 @@
 """Inverted dropout: zero each value with probability p, scale the kept ones by 1/(1-p)."""
-from ..backend import check_float
+from ..backend import check_float, get_array_module
 
 
 def dropout_forward(x, p, rng):
@@ -14,8 +14,11 @@ def dropout_forward(x, p, rng):
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if p == 0.0:
         return x, None
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
-    scaled_keep = keep * x.dtype.type(1.0 / (1.0 - p))
+    xp = get_array_module(x)
+    # One buffer: uniform draws, then in place the 0/1 keep mask, then keep / (1 - p).
+    scaled_keep = rng.random(x.shape, dtype=x.dtype)
+    xp.greater_equal(scaled_keep, p, out=scaled_keep)
+    scaled_keep *= x.dtype.type(1.0 / (1.0 - p))
     return x * scaled_keep, scaled_keep
 
 

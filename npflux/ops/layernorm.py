@@ -15,12 +15,12 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     if gamma.dtype != x.dtype or beta.dtype != x.dtype:
         raise TypeError(f"layernorm: x {x.dtype}, gamma {gamma.dtype}, beta {beta.dtype} must share one dtype")
     xp = get_array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)
+    xhat = x - x.mean(axis=-1, keepdims=True)  # centred; normalised in place below
+    var = xp.mean(xp.square(xhat), axis=-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = xc * rstd
-    y = xhat * gamma + beta
+    xhat *= rstd
+    y = xhat * gamma
+    y += beta
     return y, (xhat, rstd, gamma)
 
 
@@ -37,5 +37,9 @@ def layernorm_backward(dy, cache):
     dbeta = dy2.sum(axis=0)
     dgamma = (dy2 * xhat.reshape(-1, C)).sum(axis=0)
     g = dy * gamma
-    dx = (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)) * rstd
-    return dx, dgamma, dbeta
+    # dx built in place in g's buffer: the same formula, two fewer full-size temporaries
+    g_xhat_mean = (g * xhat).mean(axis=-1, keepdims=True)
+    g -= g.mean(axis=-1, keepdims=True)
+    g -= xhat * g_xhat_mean
+    g *= rstd
+    return g, dgamma, dbeta
