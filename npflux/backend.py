@@ -108,6 +108,34 @@ def get_array_module(*arrays):
     return numpy
 
 
+def _data_ptr(a) -> int:
+    if type(a).__module__.startswith("cupy"):
+        return a.data.ptr
+    return a.__array_interface__["data"][0]
+
+
+def flat_base(arrays):
+    """The one 1-D array that ``arrays`` tile in order, back to back, or None.
+
+    Parameters flattened into one buffer (``Module.flatten_parameters``) pass
+    this test, so an element-wise update can run once over the whole buffer
+    instead of once per array; anything else (a fresh dict of unrelated
+    arrays) returns None and takes the per-array path.
+    """
+    arrays = list(arrays)
+    if not arrays:
+        return None
+    base = arrays[0].base
+    if base is None or base.ndim != 1 or not base.flags.c_contiguous:
+        return None
+    ptr, itemsize, used = _data_ptr(base), base.dtype.itemsize, 0
+    for a in arrays:
+        if a.base is not base or a.dtype != base.dtype or not a.flags.c_contiguous or _data_ptr(a) != ptr + used * itemsize:
+            return None
+        used += a.size
+    return base if used == base.size else None
+
+
 def backend_of(array) -> Backend:
     """The Backend an array lives on."""
     return get_backend("cupy" if get_array_module(array) is not numpy else "numpy")

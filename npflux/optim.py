@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_array_module
+from .backend import flat_base, get_array_module
 
 
 # ---------------------------------------------------------------------------
@@ -108,6 +108,44 @@ class _Optimizer:
         # Which parameters get weight decay is decided once, like torch's param groups.
         self.decayed = {name: decay_filter is None or bool(decay_filter(name, p)) for name, p in params.items()}
         self.step_count = 0
+        # Parameters living in one buffer (Module.flatten_parameters) are updated in one go.
+        self.flat_params = flat_base(params.values())
+        self._flat_grads_seen = (None, None)
+
+    def _state_buffer(self):
+        """name -> zeroed state array per parameter; views of one flat buffer when the parameters are flat."""
+        if self.flat_params is None:
+            return None, {n: get_array_module(p).zeros_like(p) for n, p in self.params.items()}
+        flat = get_array_module(self.flat_params).zeros_like(self.flat_params)
+        views, offset = {}, 0
+        for name, p in self.params.items():
+            views[name] = flat[offset : offset + p.size].reshape(p.shape)
+            offset += p.size
+        return flat, views
+
+    def _flat_grads(self, grads: dict):
+        """The gradients' flat buffer when both they and the parameters are flat, else None."""
+        if self.flat_params is None:
+            return None
+        arrays = [grads[n] for n in self.params]
+        seen, base = self._flat_grads_seen
+        # The same array objects as last step (held, so their ids cannot be reused): same answer.
+        if seen is None or len(seen) != len(arrays) or any(a is not b for a, b in zip(seen, arrays)):
+            base = flat_base(arrays)
+            self._flat_grads_seen = (arrays, base)
+        return base
+
+    def _decay_runs(self):
+        """(start, stop) ranges of the flat buffer that get weight decay, neighbours merged."""
+        runs, offset = [], 0
+        for name, p in self.params.items():
+            if self.decayed[name]:
+                if runs and runs[-1][1] == offset:
+                    runs[-1] = (runs[-1][0], offset + p.size)
+                else:
+                    runs.append((offset, offset + p.size))
+            offset += p.size
+        return runs
 
     def _check_grads(self, grads: dict):
         missing = [n for n in self.params if n not in grads]
@@ -198,10 +236,10 @@ class AdamW(_Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.betas = (float(b1), float(b2))
         self.eps = float(eps)
-        xp_of = get_array_module
-        self.m = {n: xp_of(p).zeros_like(p) for n, p in params.items()}
-        self.v = {n: xp_of(p).zeros_like(p) for n, p in params.items()}
-        self._scratch = _Scratch(params, count=1)
+        self.flat_m, self.m = self._state_buffer()
+        self.flat_v, self.v = self._state_buffer()
+        self._scratch = _Scratch(params if self.flat_params is None else {"": self.flat_params}, count=1)
+        self._runs = self._decay_runs()
 
     def _buffers(self):
         return {"m": self.m, "v": self.v}
@@ -211,31 +249,43 @@ class AdamW(_Optimizer):
         self._check_grads(grads)
         self.step_count += 1
         t = self.step_count
-        lr, wd, eps = float(self.lr), float(self.weight_decay), self.eps
+        lr, wd = float(self.lr), float(self.weight_decay)
         b1, b2 = self.betas
         # Bias corrections undo the zero initialisation of m and v.
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
+        flat_g = self._flat_grads(grads)
+        if flat_g is not None:
+            p = self.flat_params
+            if wd != 0.0:
+                for start, stop in self._runs:
+                    p[start:stop] *= 1.0 - lr * wd
+            self._update(p, flat_g, self.flat_m, self.flat_v, step_size, bc2_sqrt)
+            return
         for name, p in self.params.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
-            xp = get_array_module(p)
-            (tmp,) = self._scratch.views(p)
             if wd != 0.0 and self.decayed[name]:
                 p *= 1.0 - lr * wd
-            m *= b1
-            xp.multiply(g, 1.0 - b1, out=tmp)
-            m += tmp
-            v *= b2
-            xp.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            # denominator sqrt(v_hat) + eps, then the step -step_size * m / denom
-            xp.sqrt(v, out=tmp)
-            tmp /= bc2_sqrt
-            tmp += eps
-            xp.divide(m, tmp, out=tmp)
-            tmp *= -step_size
-            p += tmp
+            self._update(p, grads[name], self.m[name], self.v[name], step_size, bc2_sqrt)
+
+    def _update(self, p, g, m, v, step_size, bc2_sqrt):
+        """The Adam part of the step, in place, for one array (or the flat buffer of all)."""
+        xp = get_array_module(p)
+        b1, b2 = self.betas
+        (tmp,) = self._scratch.views(p)
+        m *= b1
+        xp.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp
+        v *= b2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
+        # denominator sqrt(v_hat) + eps, then the step -step_size * m / denom
+        xp.sqrt(v, out=tmp)
+        tmp /= bc2_sqrt
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= -step_size
+        p += tmp
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +381,9 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     arrays = list(grads.values())
     if not arrays:
         return 0.0
+    flat = flat_base(arrays)
+    if flat is not None:  # all gradients in one buffer: one product, one scaling
+        arrays = [flat]
     # Sum the squares on the device and synchronise once, not once per tensor.
     total_sq = None
     for g in arrays:

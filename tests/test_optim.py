@@ -260,3 +260,62 @@ def test_adamw_cupy_matches_numpy():
     for n in SHAPES:
         assert dev[n].dtype == np.float32
         np.testing.assert_allclose(cupy.asnumpy(dev[n]), host[n], rtol=1e-5, atol=1e-6)
+
+
+def _tiny_model(seed=0):
+    from npflux import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, activation="relu",
+                    qkv_bias=False, tie_weights=False, lm_head_bias=True)
+    return GPT(cfg, seed=seed, dtype="float64")
+
+
+def test_flatten_parameters_keeps_values_and_shares_one_buffer():
+    from npflux.backend import flat_base
+    from npflux.nn import Linear, Module
+
+    m = Module(dtype="float64")
+    m.a = Linear(3, 4, rng=np.random.default_rng(0), dtype="float64")
+    m.b = Linear(4, 2, rng=np.random.default_rng(1), dtype="float64")
+    before = {k: v.copy() for k, v in m.params.items()}
+    assert flat_base(m.params.values()) is None
+    flat_p, flat_g = m.flatten_parameters()
+    assert flat_p.size == sum(v.size for v in before.values())
+    assert flat_base(m.params.values()) is flat_p and flat_base(m.grads.values()) is flat_g
+    for k, v in m.params.items():
+        np.testing.assert_array_equal(v, before[k])
+    m.b.g["weight"] += 1.0
+    assert flat_g.sum() == 8.0
+    m.zero_grad()
+    assert not flat_g.any()
+    # a reordered or partial set of views is not "flat"
+    assert flat_base(list(m.params.values())[::-1]) is None
+    assert flat_base(list(m.params.values())[1:]) is None
+
+
+@pytest.mark.parametrize("wd,grouped,clip", [(0.0, False, None), (0.1, True, 0.5), (0.01, False, 10.0)])
+def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip):
+    """The one-buffer fast path gives bit-for-bit the per-array update, state included."""
+    flat_model = _tiny_model()
+    arrays = {k: v.copy() for k, v in flat_model.params.items()}  # the same values, separate arrays
+    grad_arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
+    kw = dict(lr=1e-2, weight_decay=wd, decay_filter=optim.nanogpt_decay if grouped else None)
+    opt_flat = optim.AdamW(flat_model.params, **kw)
+    opt_each = optim.AdamW(arrays, **kw)
+    assert opt_flat.flat_params is not None and opt_each.flat_params is None
+    assert opt_flat._flat_grads(flat_model.grads) is not None
+    r = np.random.default_rng(0)
+    for _ in range(4):
+        for k, g in flat_model.grads.items():
+            g[...] = r.standard_normal(g.shape)
+            grad_arrays[k][...] = g
+        if clip:
+            assert optim.clip_grad_norm(flat_model.grads, clip) == optim.clip_grad_norm(grad_arrays, clip)
+        opt_flat.step(flat_model.grads)
+        opt_each.step(grad_arrays)
+    for k, v in flat_model.params.items():
+        np.testing.assert_array_equal(v, arrays[k])
+    s_flat, s_each = opt_flat.state_dict(), opt_each.state_dict()
+    assert s_flat.keys() == s_each.keys()
+    for k in s_flat:
+        np.testing.assert_array_equal(s_flat[k], s_each[k])

@@ -113,6 +113,7 @@ class GPT(Module):
             self.lm_head.add_param("bias", self.xp.zeros(c.vocab_size))
         if c.init == "torch":
             self._torch_default_init(init_rng)
+        self.flatten_parameters()  # one buffer for all weights, one for all gradients
         self.loss_cache = None
 
     def _torch_default_init(self, rng):

@@ -61,8 +61,45 @@ class Module:
         return sum(int(v.size) for v in self.params.values())
 
     def zero_grad(self):
+        flat = getattr(self, "_flat_grads", None)
+        if flat is not None:
+            flat.fill(0)
+            return
         for g in self.grads.values():
             g[...] = 0
+
+    def _owners(self, prefix=""):
+        """(module, short name, dotted name) for every parameter, in ``params`` order."""
+        for k in self.p:
+            yield self, k, prefix + k
+        for name, child in self._children.items():
+            yield from child._owners(f"{prefix}{name}.")
+
+    def flatten_parameters(self):
+        """Move all parameters into one contiguous buffer, and all gradients into another.
+
+        Values are kept; every ``p[name]`` and ``g[name]`` becomes a view of
+        its buffer, in ``params`` order. An optimizer then updates the whole
+        model with a dozen array operations instead of a dozen per parameter,
+        which is most of an AdamW step's time for a small model.
+        ``zero_grad`` clears the gradient buffer in one call. Call it before
+        creating the optimizer. Returns (flat_params, flat_grads).
+        """
+        owners = list(self._owners())
+        total = sum(int(m.p[k].size) for m, k, _ in owners)
+        flat_p = self.xp.empty(total, dtype=self.dtype)
+        flat_g = self.xp.zeros(total, dtype=self.dtype)
+        offset = 0
+        for module, k, _ in owners:
+            old = module.p[k]
+            n = int(old.size)
+            view = flat_p[offset : offset + n].reshape(old.shape)
+            view[...] = old
+            module.p[k] = view
+            module.g[k] = flat_g[offset : offset + n].reshape(old.shape)
+            offset += n
+        object.__setattr__(self, "_flat_grads", flat_g)
+        return flat_p, flat_g
 
     # -- modes --------------------------------------------------------------
     def train(self, mode=True):
