@@ -327,6 +327,21 @@ def test_relu_subgradient_at_zero_is_zero():
     np.testing.assert_array_equal(ops.relu_backward(np.array([5.0, 5.0, 5.0]), cache), [0, 0, 5])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_in_place_equals_out_of_place(dtype):
+    r = np.random.default_rng(6)
+    x, dy = randn(r, 3, 7, dtype=dtype), randn(r, 3, 7, dtype=dtype)
+    y, cache = ops.relu_forward(x)
+    dx = ops.relu_backward(dy, cache)
+    x2, dy2 = x.copy(), dy.copy()
+    y2, cache2 = ops.relu_forward(x2, out=x2)
+    dx2 = ops.relu_backward(dy2, cache2, out=dy2)
+    assert y2 is x2 and dx2 is dy2 and y2.dtype == dtype and dx2.dtype == dtype
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(x, x.copy())  # the out-of-place call left its input alone
+
+
 @pytest.mark.parametrize("fwd", [ops.gelu_forward, ops.relu_forward, ops.softmax_forward])
 def test_activations_reject_ints(fwd):
     with pytest.raises(TypeError):

@@ -143,15 +143,20 @@ class FeedForward(Module):
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         hidden = hidden or 4 * dim
         rng = _host_rng(rng)
+        self.activation = activation
         self.act_forward, self.act_backward = _ACTIVATIONS[activation]
         self.c_fc = Linear(dim, hidden, bias=bias, rng=rng, backend=backend, dtype=dtype)
         self.c_proj = Linear(hidden, dim, bias=bias, std=proj_std, rng=rng, backend=backend, dtype=dtype)
         self.dropout = Dropout(dropout, rng=dropout_rng, backend=backend, dtype=dtype)
 
     def forward(self, x):
-        h, self.act_cache = self.act_forward(self.c_fc.forward(x))
+        h = self.c_fc.forward(x)
+        # ReLU may overwrite c_fc's fresh output (nothing else holds it): one (N, 4C) array less.
+        kw = {"out": h} if self.activation == "relu" else {}
+        h, self.act_cache = self.act_forward(h, **kw)
         return self.dropout.forward(self.c_proj.forward(h))
 
     def backward(self, dy):
         dh = self.c_proj.backward(self.dropout.backward(dy))
-        return self.c_fc.backward(self.act_backward(dh, self.act_cache))
+        kw = {"out": dh} if self.activation == "relu" else {}  # dh is ours too
+        return self.c_fc.backward(self.act_backward(dh, self.act_cache, **kw))

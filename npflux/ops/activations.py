@@ -25,13 +25,22 @@ def gelu_backward(dy, cache):
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx)
 
 
-def relu_forward(x):
-    """relu(x) = max(x, 0)."""
+def relu_forward(x, out=None):
+    """relu(x) = max(x, 0).  ``out=x`` computes it in place (the caller must own x).
+
+    The cache is the output itself: y > 0 exactly where x > 0, so the
+    backward needs no separate mask (and the next layer keeps y anyway).
+    """
     check_float(x, "relu: x")
     xp = get_array_module(x)
-    return xp.maximum(x, 0), x > 0
+    y = xp.maximum(x, 0, out=out)
+    return y, y
 
 
-def relu_backward(dy, cache):
-    """d relu / dx = 1 where x > 0, else 0 (the subgradient at 0 is 0, as PyTorch)."""
-    return dy * cache
+def relu_backward(dy, cache, out=None):
+    """d relu / dx = 1 where x > 0, else 0 (the subgradient at 0 is 0, as PyTorch).
+
+    ``out=dy`` writes the result over dy (the caller must own dy).
+    """
+    xp = get_array_module(dy)
+    return xp.multiply(dy, cache > 0, out=out)
