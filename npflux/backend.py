@@ -108,6 +108,66 @@ def get_array_module(*arrays):
     return numpy
 
 
+# ---------------------------------------------------------------------------
+# CPU worker threads
+# ---------------------------------------------------------------------------
+# NumPy runs its element-wise loops on one core. It releases the GIL inside
+# them and inside BLAS calls, though, so independent pieces of one op (the
+# batch rows of attention) can run on several cores from a few Python threads.
+
+_NUM_THREADS = None
+_POOL = None
+
+
+def num_threads() -> int:
+    """Worker threads for npflux's own parallel loops on the CPU.
+
+    ``set_num_threads(n)``, else NPFLUX_NUM_THREADS, else OMP_NUM_THREADS
+    (what the benchmarks set for NumPy's BLAS and torch alike), else the
+    CPUs this process may use.
+    """
+    if _NUM_THREADS is not None:
+        return _NUM_THREADS
+    for var in ("NPFLUX_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.strip().isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n: int):
+    """Use ``n`` worker threads (1: everything on the calling thread)."""
+    global _NUM_THREADS, _POOL
+    if int(n) < 1:
+        raise ValueError(f"need at least one thread, got {n}")
+    _NUM_THREADS = int(n)
+    if _POOL is not None and _POOL._max_workers != _NUM_THREADS:
+        _POOL.shutdown(wait=True)
+        _POOL = None
+
+
+def parallel_map(fn, items):
+    """``[fn(item) for item in items]``, spread over the worker threads when there are several.
+
+    Only for work that releases the GIL (NumPy array operations on large
+    enough arrays) and whose items write to disjoint memory. An exception in
+    any item is raised here.
+    """
+    global _POOL
+    items = list(items)
+    n = num_threads()
+    if n <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npflux")
+    return list(_POOL.map(fn, items))
+
+
 def _data_ptr(a) -> int:
     if type(a).__module__.startswith("cupy"):
         return a.data.ptr

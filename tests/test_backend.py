@@ -234,3 +234,30 @@ def test_source_scan_detects_an_import(tmp_path):
                  'def g():\n    import cupy as cp\nfrom . import backend\n')
     hits = _array_module_imports(f)
     assert len(hits) == 2 and ":3:" in hits[0] and ":5:" in hits[1]
+
+
+def test_parallel_map_order_errors_and_thread_count(monkeypatch):
+    from npflux import backend
+
+    monkeypatch.setattr(backend, "_NUM_THREADS", None)
+    monkeypatch.setenv("NPFLUX_NUM_THREADS", "3")
+    assert backend.num_threads() == 3
+    monkeypatch.setenv("NPFLUX_NUM_THREADS", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert backend.num_threads() == 2
+    backend.set_num_threads(2)
+    try:
+        assert backend.parallel_map(lambda i: i * i, range(10)) == [i * i for i in range(10)]
+
+        def boom(i):
+            if i == 3:
+                raise ValueError("item 3")
+            return i
+
+        with pytest.raises(ValueError, match="item 3"):
+            backend.parallel_map(boom, range(6))
+        with pytest.raises(ValueError):
+            backend.set_num_threads(0)
+    finally:
+        backend.set_num_threads(1)
+        monkeypatch.setattr(backend, "_NUM_THREADS", None)

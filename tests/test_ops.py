@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npflux import ops
+from npflux import backend
 from npflux.backend import get_array_module, get_backend, to_numpy
 from npflux.gradcheck import THRESHOLD, check_op, rel_error
 
@@ -571,11 +572,13 @@ def test_attention_chunked_equals_whole(monkeypatch, mask_kind):
     whole_grads = ops.attention_backward(dout, cache)
     monkeypatch.setattr(attention_mod, "_CHUNK_BYTES", H * T * T * 8 * 2)  # two batch rows per chunk
     assert len(attention_mod._batch_chunks(np, cache[3])) == 3
-    out, cache = ops.attention_forward(q, k, v, **kw)
-    grads = ops.attention_backward(dout, cache)
-    assert rel_error(out, whole_out) < 1e-14
-    for g, w in zip(grads, whole_grads):
-        assert rel_error(g, w) < 1e-14
+    for threads in (1, 3):  # chunks on the calling thread, and spread over worker threads
+        monkeypatch.setattr(backend, "_NUM_THREADS", threads)
+        out, cache = ops.attention_forward(q, k, v, **kw)
+        grads = ops.attention_backward(dout, cache)
+        assert rel_error(out, whole_out) < 1e-14
+        for g, w in zip(grads, whole_grads):
+            assert rel_error(g, w) < 1e-14
 
 
 def test_attention_bad_inputs():
