@@ -20,7 +20,7 @@ def _train(args):
     from .models import GPTConfig
     from .train import TRAIN_PRESETS, TrainConfig, train
 
-    overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout", "init") if getattr(args, k) is not None}
     if args.block_size is not None:
         overrides["block_size"] = args.block_size
     try:
@@ -113,6 +113,8 @@ def build_parser():
                       ("early_stopping_patience", int), ("seed", int), ("backend", str), ("dtype", str),
                       ("n_embd", int), ("n_head", int), ("n_layer", int), ("dropout", float)]:
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+    t.add_argument("--init", choices=["normal", "torch"],
+                   help="weight init: 'torch' (PyTorch's layer defaults, as the published small models) or 'normal' (N(0, 0.02), GPT-2)")
     t.add_argument("--decay-matrices-only", dest="decay_matrices_only", action="store_const", const=True,
                    help="weight decay on matrices only (nanoGPT's grouping)")
     t.add_argument("--sample-tokens", type=int, default=300, help="print a sample of this many tokens at the end (0: none)")

@@ -4,7 +4,7 @@ q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv) -> out (B, H, Tq, Dv).
 """
 import math
 
-from ..backend import check_float, get_array_module, parallel_map
+from ..backend import check_float, get_array_module, num_threads, parallel_map
 
 
 def causal_mask(Tq, Tk, xp):
@@ -100,13 +100,19 @@ def _row_sum(a, xp):
 
 
 _CHUNK_BYTES = 1 << 20  # about L2-sized; one batch row at least
+_SPLIT_BYTES = 1 << 17  # below this a second thread costs more than it saves
 
 
 def _batch_chunks(xp, a):
-    """Slices over a's first axis, each ~_CHUNK_BYTES; the whole axis at once off the CPU."""
+    """Slices over a's first axis: ~_CHUNK_BYTES each, and at least one per
+    worker thread when there is enough work; the whole axis at once off the CPU."""
     n = a.shape[0]
+    if xp.__name__ != "numpy":
+        return [slice(0, n)]
     per_row = max(a[:1].nbytes, 1)
-    step = n if xp.__name__ != "numpy" else max(1, min(n, _CHUNK_BYTES // per_row))
+    step = max(1, min(n, _CHUNK_BYTES // per_row))
+    if n * per_row >= _SPLIT_BYTES:
+        step = min(step, -(-n // num_threads()))
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
