@@ -21,6 +21,13 @@ def _threads_from_argv(argv):
 THREADS = _threads_from_argv(sys.argv[1:]) or os.cpu_count() or 1
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
+# Both libraries' thread pools live in one process and take turns. By default
+# an idle pool spins for a while (torch's OpenMP, OpenBLAS's pthreads) and
+# steals the cores from the other library's next call: measured here, NumPy's
+# 2-thread sgemm drops from 190 to 95 GFLOP/s and torch's from 145 to 58 right
+# after the other ran. Idle threads that sleep make the alternation fair.
+for _var, _value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OPENBLAS_THREAD_TIMEOUT", "4")):  # = npflux.bench.WAIT_ENV
+    os.environ.setdefault(_var, _value)
 
 
 def common_args(parser):

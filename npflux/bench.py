@@ -49,6 +49,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Idle thread pools sleep instead of spinning, so torch's and NumPy's take turns fairly
+# on the same cores (benchmarks/_env.py explains; set before either library loads).
+WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 TRAIN_SHAPES = {"shakespeare-s1": (16, 32), "shakespeare-s2": (16, 32), "shakespeare-n": (64, 256)}
 STYLES = ("published", "modern")
 
@@ -192,7 +195,7 @@ def machine_info(threads):
         "threads_requested": threads,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "numpy_blas_threads": blas_threads(),
-        "thread_env": {v: os.environ.get(v) for v in THREAD_ENV},
+        "thread_env": {v: os.environ.get(v) for v in (*THREAD_ENV, *WAIT_ENV)},
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "dtype": "float32",
     }

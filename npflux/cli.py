@@ -90,7 +90,13 @@ def _gradcheck(args):
 
 
 def _bench(args):
-    from .bench import run_quick
+    from .bench import WAIT_ENV, run_quick
+
+    missing = {k: v for k, v in WAIT_ENV.items() if k not in os.environ}
+    if missing and args.from_command_line and not os.environ.get("NPFLUX_BENCH_REEXEC"):
+        # The thread pools read these when they load, which has already happened: start again with them.
+        os.environ.update(missing, NPFLUX_BENCH_REEXEC="1")
+        os.execv(sys.executable, [sys.executable, "-m", "npflux.cli", *sys.argv[1:]])
 
     run_quick(threads=args.threads, reps=args.reps, use_torch=args.torch, json_path=args.json)
 
@@ -154,6 +160,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.from_command_line = argv is None
     try:
         args.func(args)
     except (OSError, ValueError, KeyError) as exc:
