@@ -168,6 +168,19 @@ def parallel_map(fn, items):
     return list(_POOL.map(fn, items))
 
 
+_MIN_SPLIT_ELEMENTS = 1 << 18  # below this a second thread costs more than it saves (measured)
+
+
+def row_chunks(xp, n_rows: int, row_size: int = 1):
+    """Slices covering range(n_rows): one per worker thread when the work
+    (n_rows * row_size elements) is large enough to pay for threads, else one
+    (always one off the CPU, where the device runs the whole array at once)."""
+    big = xp is numpy and n_rows * row_size >= _MIN_SPLIT_ELEMENTS
+    parts = min(num_threads(), n_rows) if big else 1
+    step = -(-n_rows // max(parts, 1)) if n_rows else 1
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)] or [slice(0, 0)]
+
+
 def _data_ptr(a) -> int:
     if type(a).__module__.startswith("cupy"):
         return a.data.ptr

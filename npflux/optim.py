@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import flat_base, get_array_module
+from .backend import flat_base, get_array_module, parallel_map, row_chunks
 
 
 # ---------------------------------------------------------------------------
@@ -260,18 +260,23 @@ class AdamW(_Optimizer):
             if wd != 0.0:
                 for start, stop in self._runs:
                     p[start:stop] *= 1.0 - lr * wd
-            self._update(p, flat_g, self.flat_m, self.flat_v, step_size, bc2_sqrt)
+            (tmp,) = self._scratch.views(p)
+            m, v = self.flat_m, self.flat_v
+            # element-wise, so any split of the buffer over the worker threads gives the same result
+            parallel_map(lambda r: self._update(p[r], flat_g[r], m[r], v[r], tmp[r], step_size, bc2_sqrt),
+                         row_chunks(get_array_module(p), p.size))
             return
         for name, p in self.params.items():
             if wd != 0.0 and self.decayed[name]:
                 p *= 1.0 - lr * wd
-            self._update(p, grads[name], self.m[name], self.v[name], step_size, bc2_sqrt)
+            (tmp,) = self._scratch.views(p)
+            self._update(p, grads[name], self.m[name], self.v[name], tmp, step_size, bc2_sqrt)
 
-    def _update(self, p, g, m, v, step_size, bc2_sqrt):
-        """The Adam part of the step, in place, for one array (or the flat buffer of all)."""
+    def _update(self, p, g, m, v, tmp, step_size, bc2_sqrt):
+        """The Adam part of the step, in place, for one array (or a piece of the flat buffer of all);
+        ``tmp`` is scratch space of p's shape."""
         xp = get_array_module(p)
         b1, b2 = self.betas
-        (tmp,) = self._scratch.views(p)
         m *= b1
         xp.multiply(g, 1.0 - b1, out=tmp)
         m += tmp

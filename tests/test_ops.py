@@ -581,6 +581,26 @@ def test_attention_chunked_equals_whole(monkeypatch, mask_kind):
             assert rel_error(g, w) < 1e-14
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_split_over_threads_equals_whole(monkeypatch, dtype):
+    """Rows split over worker threads (and dgamma/dbeta summed over the parts) give the one-piece result."""
+    r = np.random.default_rng(8)
+    x, dy = randn(r, 4, 7, 6, dtype=dtype), randn(r, 4, 7, 6, dtype=dtype)
+    gamma, beta = randn(r, 6, dtype=dtype), randn(r, 6, dtype=dtype)
+    monkeypatch.setattr(backend, "_NUM_THREADS", 1)
+    y1, c1 = ops.layernorm_forward(x, gamma, beta)
+    g1 = ops.layernorm_backward(dy, c1)
+    monkeypatch.setattr(backend, "_NUM_THREADS", 3)
+    monkeypatch.setattr(backend, "_MIN_SPLIT_ELEMENTS", 1)
+    assert len(backend.row_chunks(np, 28, 6)) == 3
+    y3, c3 = ops.layernorm_forward(x, gamma, beta)
+    g3 = ops.layernorm_backward(dy, c3)
+    tol = 1e-14 if dtype == np.float64 else 1e-6
+    assert y3.dtype == dtype and rel_error(y3, y1) < tol
+    for a, b in zip(g3, g1):
+        assert a.dtype == dtype and rel_error(a, b) < tol
+
+
 def test_attention_bad_inputs():
     r = np.random.default_rng(0)
     q, k, v = randn(r, 2, 2, 3, 4), randn(r, 2, 2, 5, 4), randn(r, 2, 2, 5, 4)

@@ -293,9 +293,14 @@ def test_flatten_parameters_keeps_values_and_shares_one_buffer():
     assert flat_base(list(m.params.values())[1:]) is None
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("wd,grouped,clip", [(0.0, False, None), (0.1, True, 0.5), (0.01, False, 10.0)])
-def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip):
-    """The one-buffer fast path gives bit-for-bit the per-array update, state included."""
+def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monkeypatch):
+    """The one-buffer fast path (split over worker threads or not) gives bit-for-bit the per-array update."""
+    from npflux import backend
+
+    monkeypatch.setattr(backend, "_NUM_THREADS", threads)
+    monkeypatch.setattr(backend, "_MIN_SPLIT_ELEMENTS", 1)
     flat_model = _tiny_model()
     arrays = {k: v.copy() for k, v in flat_model.params.items()}  # the same values, separate arrays
     grad_arrays = {k: np.zeros_like(v) for k, v in arrays.items()}

@@ -1,5 +1,5 @@
 """Layer normalisation over the last axis."""
-from ..backend import check_float, get_array_module
+from ..backend import check_float, get_array_module, parallel_map, row_chunks
 
 
 def _row_mean(a2, xp):
@@ -17,6 +17,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
 
     mean and the biased variance are taken over the last axis (C), as
     torch.nn.LayerNorm does. Returns (y, cache).
+    Rows are independent, so large inputs are split over the worker threads.
     """
     check_float(x, "layernorm: x")
     C = x.shape[-1]
@@ -26,12 +27,19 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
         raise TypeError(f"layernorm: x {x.dtype}, gamma {gamma.dtype}, beta {beta.dtype} must share one dtype")
     xp = get_array_module(x)
     x2 = x.reshape(-1, C)
-    xhat = x2 - _row_mean(x2, xp)[:, None]              # centred; normalised in place below
-    var = xp.einsum("nc,nc->n", xhat, xhat) / C        # sum of squares without a squared copy
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat *= rstd[:, None]
-    y = xhat * gamma
-    y += beta
+    xhat, y = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty(x2.shape[0], dtype=x.dtype)
+
+    def rows(r):
+        xc = xhat[r]
+        xp.subtract(x2[r], _row_mean(x2[r], xp)[:, None], out=xc)   # centred
+        var = xp.einsum("nc,nc->n", xc, xc) / C                     # no squared copy
+        rstd[r] = 1.0 / xp.sqrt(var + eps)
+        xc *= rstd[r, None]                                          # now xhat
+        xp.multiply(xc, gamma, out=y[r])
+        y[r] += beta
+
+    parallel_map(rows, row_chunks(xp, *x2.shape))
     return y.reshape(x.shape), (xhat, rstd, gamma)
 
 
@@ -46,12 +54,19 @@ def layernorm_backward(dy, cache):
     xp = get_array_module(dy)
     C = xhat.shape[-1]
     dy2 = dy.reshape(-1, C)
-    dbeta = dy2.sum(axis=0)
-    dgamma = xp.einsum("nc,nc->c", dy2, xhat)
-    g = dy2 * gamma
-    # dx is built in g's buffer: the same formula, no further full-size temporaries but one
-    g_xhat_mean = xp.einsum("nc,nc->n", g, xhat) / C
-    g -= _row_mean(g, xp)[:, None]
-    g -= xhat * g_xhat_mean[:, None]
-    g *= rstd[:, None]
-    return g.reshape(dy.shape), dgamma, dbeta
+    dx = xp.empty_like(dy2)
+
+    def rows(r):
+        d, xh, g = dy2[r], xhat[r], dx[r]
+        xp.multiply(d, gamma, out=g)                                 # dx is built in g's place
+        g_xhat_mean = xp.einsum("nc,nc->n", g, xh) / C
+        g -= _row_mean(g, xp)[:, None]
+        g -= xh * g_xhat_mean[:, None]
+        g *= rstd[r, None]
+        return d.sum(axis=0), xp.einsum("nc,nc->c", d, xh)          # this chunk's dbeta, dgamma
+
+    parts = parallel_map(rows, row_chunks(xp, *dy2.shape))
+    dbeta, dgamma = parts[0]
+    for db, dg in parts[1:]:
+        dbeta, dgamma = dbeta + db, dgamma + dg
+    return dx.reshape(dy.shape), dgamma, dbeta
