@@ -871,3 +871,20 @@ def test_kv_cache_decoding_equals_full_forward(backend, kind, chunks):
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="full"):
         m.forward(x[:, :1], kv_cache=cache)
+
+
+def test_params_dict_is_current_after_structure_changes():
+    """params/grads are cached between calls, but never stale: a new parameter or child shows up."""
+    from npflux.nn import Linear, Module
+
+    m = Module(dtype="float64")
+    m.a = Linear(2, 3, rng=np.random.default_rng(0), dtype="float64")
+    first = m.params
+    assert sorted(first) == ["a.bias", "a.weight"]
+    first.pop("a.bias")  # the caller's copy; the module's answer is unaffected
+    assert sorted(m.params) == ["a.bias", "a.weight"]
+    m.a.add_param("extra", np.zeros(4))
+    assert "a.extra" in m.params and "a.extra" in m.grads
+    m.b = Linear(3, 1, rng=np.random.default_rng(1), dtype="float64")
+    assert set(m.params) == set(m.grads) == {"a.bias", "a.weight", "a.extra", "b.weight", "b.bias"}
+    assert m.params["b.weight"] is m.b.p["weight"]

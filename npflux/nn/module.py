@@ -16,6 +16,10 @@ from ..backend import get_array_module, get_backend, resolve_dtype
 
 
 class Module:
+    # Bumped whenever any module gains a parameter or a child, so a cached
+    # ``params``/``grads`` dict is known to be current (see _collect_cached).
+    _structure_version = 0
+
     def __init__(self, backend=None, dtype=None):
         object.__setattr__(self, "_children", {})
         self.backend = get_backend(backend)
@@ -28,6 +32,7 @@ class Module:
     def __setattr__(self, name, value):
         if isinstance(value, Module):
             self._children[name] = value
+            Module._structure_version += 1
         object.__setattr__(self, name, value)
 
     # -- parameters -------------------------------------------------------
@@ -36,6 +41,7 @@ class Module:
         value = self.backend.asarray(host_array, dtype=self.dtype)
         self.p[name] = value
         self.g[name] = self.xp.zeros_like(value)
+        Module._structure_version += 1
         return value
 
     def named_children(self):
@@ -47,15 +53,25 @@ class Module:
             out.update(child._collect(attr, f"{prefix}{name}."))
         return out
 
+    def _collect_cached(self, attr):
+        # A training loop asks for model.grads every step; walking the tree each
+        # time costs more than the update of a small model's biases.
+        cache = self.__dict__.setdefault("_collected", {})
+        version, found = cache.get(attr, (None, None))
+        if version != Module._structure_version:
+            found = self._collect(attr)
+            cache[attr] = (Module._structure_version, found)
+        return dict(found)
+
     @property
     def params(self):
-        """Every parameter array by dotted name."""
-        return self._collect("p")
+        """Every parameter array by dotted name (a new dict of the live arrays)."""
+        return self._collect_cached("p")
 
     @property
     def grads(self):
         """The gradient arrays, keyed exactly as ``params``."""
-        return self._collect("g")
+        return self._collect_cached("g")
 
     def num_parameters(self):
         return sum(int(v.size) for v in self.params.values())
@@ -98,6 +114,7 @@ class Module:
             module.p[k] = view
             module.g[k] = flat_g[offset : offset + n].reshape(old.shape)
             offset += n
+        Module._structure_version += 1
         object.__setattr__(self, "_flat_grads", flat_g)
         return flat_p, flat_g
 
