@@ -14,6 +14,7 @@ the reason instead of failing later in some kernel.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy
 
@@ -159,7 +160,10 @@ def parallel_map(fn, items):
     global _POOL
     items = list(items)
     n = num_threads()
-    if n <= 1 or len(items) <= 1:
+    # Already on a worker (a parallel op inside a parallel op): waiting for the
+    # pool from inside it could deadlock, so run here.
+    nested = threading.current_thread().name.startswith("npflux")
+    if n <= 1 or len(items) <= 1 or nested:
         return [fn(item) for item in items]
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor

@@ -261,3 +261,15 @@ def test_parallel_map_order_errors_and_thread_count(monkeypatch):
     finally:
         backend.set_num_threads(1)
         monkeypatch.setattr(backend, "_NUM_THREADS", None)
+
+
+def test_parallel_map_inside_parallel_map_runs_inline():
+    from npflux import backend
+
+    backend.set_num_threads(2)
+    try:
+        inner = lambda i: backend.parallel_map(lambda j: i * 10 + j, range(3))  # noqa: E731
+        assert backend.parallel_map(inner, range(4)) == [[i * 10 + j for j in range(3)] for i in range(4)]
+    finally:
+        backend.set_num_threads(1)
+        backend._NUM_THREADS = None
