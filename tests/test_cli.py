@@ -59,6 +59,7 @@ def test_train_writes_checkpoint_log_plot_and_sample(trained):
     assert c.step == 20
     assert (model.config.n_embd, model.config.n_head, model.config.n_layer, model.config.block_size) == (16, 2, 1, 16)
     assert model.config.vocab_size == tok.vocab_size == len(set(TEXT))
+    assert model.config.init == "torch"  # the shakespeare-s1 preset's: the published model's init
     assert c.config["train"]["batch_size"] == 4 and c.config["train"]["progress"] is False
     # The last lines are the 20-token sample: prompt "\n" plus 20 characters of the corpus's alphabet.
     sample = stdout.split("loss.png\n", 1)[1]
@@ -217,3 +218,11 @@ def test_module_help_in_a_subprocess():
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1
     assert "/nonexistent/npflux-ckpt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_init_option_reaches_the_model(trained, tmp_path):
+    work, data, _, _ = trained
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["train", "--data", str(data), "--out-dir", str(tmp_path / "o"), "--init", "normal", *TINY])
+    model, _, _ = model_from_checkpoint(tmp_path / "o" / "ckpt")
+    assert model.config.init == "normal"
