@@ -601,6 +601,22 @@ def test_layernorm_split_over_threads_equals_whole(monkeypatch, dtype):
         assert a.dtype == dtype and rel_error(a, b) < tol
 
 
+def test_attention_backward_into_given_arrays():
+    """out=(dq, dk, dv) writes the same gradients into the caller's (strided) views."""
+    r = np.random.default_rng(9)
+    B, H, T, D = 2, 3, 5, 4
+    q, k, v, dout = (randn(r, B, H, T, D) for _ in range(4))
+    _, cache = ops.attention_forward(q, k, v, causal=True)
+    expected = ops.attention_backward(dout, cache)
+    dqkv = np.full((B, T, 3, H, D), np.nan)
+    views = [dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+    got = ops.attention_backward(dout, cache, out=views)
+    assert all(g is w for g, w in zip(got, views))
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    assert not np.isnan(dqkv).any()
+
+
 def test_attention_bad_inputs():
     r = np.random.default_rng(0)
     q, k, v = randn(r, 2, 2, 3, 4), randn(r, 2, 2, 5, 4), randn(r, 2, 2, 5, 4)

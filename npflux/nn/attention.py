@@ -94,10 +94,14 @@ class MultiHeadAttention(Module):
         """Returns dx for self-attention, (dx, dcontext) for cross-attention."""
         xp, H = self.xp, self.n_head
         dy_heads = split_heads(self.c_proj.backward(self.dropout.backward(dy)), H)
-        dq, dk, dv = ops.attention_backward(dy_heads, self.attn_cache)
         if self.cross:
+            dq, dk, dv = ops.attention_backward(dy_heads, self.attn_cache)
             dx = self.q_proj.backward(merge_heads(dq))
             dcontext = self.kv_proj.backward(xp.concatenate([merge_heads(dk), merge_heads(dv)], axis=-1))
             return dx, dcontext
-        dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+        # dq, dk, dv land straight in the three column blocks of dqkv (B, T, 3C), the
+        # layout c_attn's backward wants, instead of being merged and concatenated after.
+        q = self.attn_cache[0]
+        dqkv = xp.empty(q.shape[:1] + q.shape[2:3] + (3 * q.shape[1] * q.shape[3],), dtype=q.dtype)
+        ops.attention_backward(dy_heads, self.attn_cache, out=[split_heads(a, H) for a in self._split(dqkv, 3)])
         return self.c_attn.backward(dqkv)

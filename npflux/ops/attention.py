@@ -53,7 +53,8 @@ def attention_forward(q, k, v, causal=False, mask=None):
     blocked = None if allowed is None else ~allowed
     B = q.shape[0]
     weights = xp.empty((B, q.shape[1], Tq, Tk), dtype=q.dtype)
-    out = xp.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+    # out is (B, H, Tq, Dv) but laid out as (B, Tq, H, Dv), so merging the heads afterwards is free
+    out = xp.empty((B, Tq, q.shape[1], v.shape[3]), dtype=q.dtype).transpose(0, 2, 1, 3)
     qs = q * scale
     # The (B, H, Tq, Tk) weights are the largest array here. Working through
     # them a few batch rows at a time keeps each chunk in the CPU cache across
@@ -123,7 +124,7 @@ def _rows_of(mask, rows):
     return mask[rows]
 
 
-def attention_backward(dout, cache):
+def attention_backward(dout, cache, out=None):
     """Gradients of out = P v with P = softmax(S), S = scale * q k^T.
 
         dv = P^T dout
@@ -134,7 +135,8 @@ def attention_backward(dout, cache):
     """
     q, k, v, weights, scale = cache
     xp = get_array_module(dout)
-    dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+    # ``out=(dq, dk, dv)`` lets the caller receive them in place (e.g. in views of one dqkv array)
+    dq, dk, dv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
     # Chunked like the forward, so dP and dS of a chunk stay in cache.
     def chunk(rows):
         P = weights[rows]
