@@ -263,7 +263,7 @@ def plot_losses(history, path, log=print):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib not installed; skipping the loss plot (pip install 'npflux[plot]')")
+        log("matplotlib not installed; skipping the loss plot (pip install matplotlib)")
         return None
     steps = [e["step"] for e in history]
     fig, ax = plt.subplots(figsize=(6, 4))
