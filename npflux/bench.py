@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops, optim
+from . import backend, ops, optim
 from .backend import scatter_add_rows
 from .models import GPT, GPTConfig
 
@@ -69,39 +69,6 @@ def set_thread_env(n=None):
     return n
 
 
-def _openblas_libs():
-    """ctypes handles of the OpenBLAS libraries loaded in this process (Linux: from /proc/self/maps)."""
-    import ctypes
-
-    paths = []
-    try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
-            if "openblas" in path.lower() and path not in paths:
-                paths.append(path)
-    except OSError:
-        return []
-    libs = []
-    for path in paths:
-        try:
-            libs.append(ctypes.CDLL(path))
-        except OSError:
-            pass
-    return libs
-
-
-_BLAS_PREFIXES = ("openblas", "scipy_openblas", "openblas64_", "scipy_openblas64_")
-
-
-def _blas_call(lib, name, *args):
-    for prefix in _BLAS_PREFIXES:
-        for suffix in ("", "64_"):
-            fn = getattr(lib, f"{prefix}_{name}{suffix}", None)
-            if fn is not None:
-                return fn(*args)
-    return None
-
-
 def set_blas_threads(n):
     """Set NumPy's OpenBLAS thread count at run time (threadpoolctl when installed, else ctypes).
 
@@ -114,21 +81,10 @@ def set_blas_threads(n):
         threadpool_limits(int(n), user_api="blas")
         return int(n)
     except ImportError:
-        pass
-    got = None
-    for lib in _openblas_libs():
-        _blas_call(lib, "set_num_threads", int(n))
-        got = _blas_call(lib, "get_num_threads")
-    return got
+        return backend.set_blas_threads(n)
 
 
-def blas_threads():
-    """OpenBLAS's current thread count, or None when it cannot be asked."""
-    for lib in _openblas_libs():
-        got = _blas_call(lib, "get_num_threads")
-        if got is not None:
-            return got
-    return None
+blas_threads = backend.blas_threads
 
 
 _TORCH = None
