@@ -273,3 +273,21 @@ def test_parallel_map_inside_parallel_map_runs_inline():
     finally:
         backend.set_num_threads(1)
         backend._NUM_THREADS = None
+
+
+def test_parallel_map_runs_blas_single_threaded_inside_and_restores():
+    from npflux import backend
+
+    if backend.blas_threads() is None:
+        pytest.skip("OpenBLAS's thread control is not reachable here")
+    before = backend.blas_threads()
+    backend.set_num_threads(2)
+    backend.set_blas_threads(2)
+    try:
+        seen = backend.parallel_map(lambda _: backend.blas_threads(), range(4))
+        assert seen == [1, 1, 1, 1]
+        assert backend.blas_threads() == 2
+    finally:
+        backend.set_blas_threads(before)
+        backend.set_num_threads(1)
+        backend._NUM_THREADS = None
