@@ -116,19 +116,27 @@ def get_array_module(*arrays):
 # them and inside BLAS calls, though, so independent pieces of one op (the
 # batch rows of attention) can run on several cores from a few Python threads.
 
-_NUM_THREADS = None
+_NUM_THREADS = None   # set_num_threads
+_ENV_THREADS = None   # from the environment, read on first use
 _POOL = None
 
 
 def num_threads() -> int:
     """Worker threads for npflux's own parallel loops on the CPU.
 
-    ``set_num_threads(n)``, else NPFLUX_NUM_THREADS, else OMP_NUM_THREADS
+    ``set_num_threads(n)``, else NPFLUX_NUM_THREADS, else OMP_NUM_THREADS (read once, on first use)
     (what the benchmarks set for NumPy's BLAS and torch alike), else the
     CPUs this process may use.
     """
+    global _ENV_THREADS
     if _NUM_THREADS is not None:
         return _NUM_THREADS
+    if _ENV_THREADS is None:  # read once: ops ask for every call
+        _ENV_THREADS = _threads_from_env()
+    return _ENV_THREADS
+
+
+def _threads_from_env() -> int:
     for var in ("NPFLUX_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.strip().isdigit() and int(value) > 0:

@@ -240,8 +240,10 @@ def test_parallel_map_order_errors_and_thread_count(monkeypatch):
     from npflux import backend
 
     monkeypatch.setattr(backend, "_NUM_THREADS", None)
+    monkeypatch.setattr(backend, "_ENV_THREADS", None)
     monkeypatch.setenv("NPFLUX_NUM_THREADS", "3")
     assert backend.num_threads() == 3
+    monkeypatch.setattr(backend, "_ENV_THREADS", None)
     monkeypatch.setenv("NPFLUX_NUM_THREADS", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert backend.num_threads() == 2
