@@ -210,6 +210,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
             e = evaluate(step)
             msg = f"step {step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
             bar.write(msg) if bar else log(msg)
+            t_last, tokens_since = time.perf_counter(), 0  # tokens/s counts training, not evaluation
             if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                 log(f"early stopping at step {step}: no val improvement in {state.evals_since_best} evaluations")
                 stopped_early = True
