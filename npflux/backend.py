@@ -229,14 +229,31 @@ def parallel_map(fn, items):
     # The workers already use the cores: a BLAS call inside one must not start
     # more threads of its own (measured: attention of one shakespeare-n layer
     # takes 216 ms with single-threaded BLAS in 2 workers, 1462 ms without this).
-    saved = [int(get()) for get, _ in _blas_fns()]
-    for _, put in _blas_fns():
-        put(1)
-    try:
+    with _single_threaded_blas():
         return list(_POOL.map(fn, items))
-    finally:
-        for (_, put), count in zip(_blas_fns(), saved):
-            put(count)
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_HOLDS = [0, []]  # callers inside parallel_map now, the thread counts to restore after the last
+
+
+class _single_threaded_blas:
+    """OpenBLAS at one thread while any parallel_map runs (several callers may overlap)."""
+
+    def __enter__(self):
+        with _BLAS_LOCK:
+            if _BLAS_HOLDS[0] == 0:
+                _BLAS_HOLDS[1] = [int(get()) for get, _ in _blas_fns()]
+                for _, put in _blas_fns():
+                    put(1)
+            _BLAS_HOLDS[0] += 1
+
+    def __exit__(self, *exc):
+        with _BLAS_LOCK:
+            _BLAS_HOLDS[0] -= 1
+            if _BLAS_HOLDS[0] == 0:
+                for (_, put), count in zip(_blas_fns(), _BLAS_HOLDS[1]):
+                    put(count)
 
 
 _MIN_SPLIT_ELEMENTS = 1 << 18  # below this a second thread costs more than it saves (measured)
