@@ -175,8 +175,8 @@ def _blas_fns():
         _BLAS_FNS = []
         try:
             with open("/proc/self/maps") as maps:
-                paths = dict.fromkeys(line.split()[-1] for line in maps
-                                      if len(line.split()) >= 6 and "openblas" in line.split()[-1].lower())
+                fields = (line.split() for line in maps)
+                paths = dict.fromkeys(f[-1] for f in fields if len(f) >= 6 and "openblas" in f[-1].lower())
         except OSError:
             paths = {}
         for path in paths:

@@ -338,18 +338,25 @@ def bench_train_step(presets=("shakespeare-s1", "shakespeare-s2"), reps=10, warm
             res = time_alternating({k: v[idx] for k, v in cands.items()}, reps=r, warmup=w)
             fl = flops["total"] if kind == "train_step" else flops["forward"]
             row = {"kind": kind, "preset": preset, "B": B, "T": T, "params": _param_count(cfg), "flops": fl, "reps": r, "times": res}
-            for name, s in res.items():
-                row[f"{name}_ms"] = s["median_s"] * 1e3
-                row[f"{name}_tok_s"] = B * T / s["median_s"]
-                row[f"{name}_gflops"] = fl / s["median_s"] / 1e9
-                row[f"{name}_mfu"] = fl / s["median_s"] / 1e9 / peak["numpy"]
-            for style in STYLES:
-                if f"torch_{style}" in res:
-                    row[f"ratio_{style}"] = _ratio(res["npflux"]["median_s"], res[f"torch_{style}"]["median_s"])
+            _add_timing_columns(row, res, fl, peak, tokens=B * T)
             rows.append(row)
             if log:
                 log(f"  {kind:10s} {preset}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.2f} ms" for k, v in res.items()))
     return {"peak_gflops": peak, "rows": rows}
+
+
+def _add_timing_columns(row, res, flops, peak, tokens=None):
+    """Per candidate: median ms, MFU (and tokens/s, GFLOP/s); npflux / torch ratio per torch style."""
+    for name, t in res.items():
+        seconds = t["median_s"]
+        row[f"{name}_ms"] = seconds * 1e3
+        if tokens is not None:
+            row[f"{name}_tok_s"] = tokens / seconds
+            row[f"{name}_gflops"] = flops / seconds / 1e9
+        row[f"{name}_mfu"] = flops / seconds / 1e9 / peak["numpy"]
+    for style in STYLES:
+        if f"torch_{style}" in res:
+            row[f"ratio_{style}"] = _ratio(res["npflux"]["median_s"], res[f"torch_{style}"]["median_s"])
 
 
 def _param_count(cfg):
@@ -562,12 +569,7 @@ def bench_scaling(quick=False, reps=5, warmup=1, use_torch=True, peak=None, log=
         fl = train_step_flops(cfg, B, T)["total"]
         row = {"sweep": sweep, "value": value, "B": B, "T": T, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
                "flops": fl, "times": res}
-        for k, v in res.items():
-            row[f"{k}_ms"] = v["median_s"] * 1e3
-            row[f"{k}_mfu"] = fl / v["median_s"] / 1e9 / peak["numpy"]
-        for style in STYLES:
-            if f"torch_{style}" in res:
-                row[f"ratio_{style}"] = _ratio(res["npflux"]["median_s"], res[f"torch_{style}"]["median_s"])
+        _add_timing_columns(row, res, fl, peak)
         rows.append(row)
         if log:
             log(f"  {sweep}={value}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in res.items()))

@@ -134,7 +134,7 @@ class GPT(Module):
             owner, _, kind = name.rpartition(".")
             if owner.startswith("transformer.w"):        # wte, wpe
                 new = rng.standard_normal(p.shape)
-            elif ".ln" in f".{owner}":                     # layer norms keep ones and zeros
+            elif owner.rpartition(".")[2].startswith("ln"):  # ln_1, ln_2, ln_f keep ones and zeros
                 continue
             else:
                 fan_in = C if owner == "lm_head" else self.params[f"{owner}.weight"].shape[0]
