@@ -154,6 +154,10 @@ def build_parser():
     b.add_argument("--no-torch", dest="torch", action="store_false", help="npflux only")
     b.add_argument("--json", help="also write the results as JSON here")
     b.set_defaults(func=_bench)
+
+    from .commands import add_all
+
+    add_all(sub)
     return p
 
 
