@@ -88,3 +88,55 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     finally:
         model.train(was_training)
     return idx
+
+
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, lock=None):
+    """An iterator over the new tokens, one host int64 array (B,) per step: the tokens that
+    ``generate`` appends with the same arguments and seed, as soon as each is sampled.
+
+    The arguments are checked here, before the first token. Each stream owns its
+    key/value caches and random generator, so several may run at once on one model (a
+    server's requests); give them all the same ``lock`` (a ``threading.Lock``), held
+    around each forward, because the modules keep per-forward state for backward on
+    themselves and two forwards at once would overwrite each other's. Under the lock the
+    model runs in eval mode.
+    """
+    import contextlib
+
+    from .backend import to_numpy
+
+    check_int(idx, "generate_stream: idx")
+    idx = model.backend.asarray(idx)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate_stream: idx must be (B, T) with T >= 1, got shape {idx.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    lock = lock if lock is not None else contextlib.nullcontext()
+
+    def tokens(idx):
+        xp, rng, block = model.xp, model.backend.rng(seed), model.config.block_size
+        caches, fed = None, 0  # as in generate: restart the caches when the window slides
+        for _ in range(max_new_tokens):
+            with lock:
+                was_training = model.training
+                model.eval()
+                try:
+                    if caches is None or idx.shape[1] > block:
+                        caches = model.new_kv_caches(idx.shape[0])
+                        logits, _ = model.forward(idx[:, -block:], kv_caches=caches)
+                    else:
+                        logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
+                finally:
+                    model.train(was_training)
+            fed = idx.shape[1]
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng)
+            idx = xp.concatenate([idx, nxt[:, None].astype(idx.dtype)], axis=1)
+            yield to_numpy(nxt).astype("int64")
+
+    return tokens(idx)
