@@ -36,7 +36,13 @@ TRAIN_PRESETS = {
     "shakespeare-n": dict(batch_size=64, max_iters=5000, eval_interval=500, eval_iters=200, learning_rate=1e-3,
                           lr_schedule="cosine", warmup_iters=100, min_lr=1e-4, beta2=0.99, weight_decay=0.1,
                           decay_matrices_only=True, grad_clip=1.0),
+    # Sized for about 10 minutes on one shared CPU thread (README, NeuraFlux section), not for the best loss.
+    "neuraflux": dict(batch_size=16, max_iters=500, eval_interval=100, eval_iters=10, learning_rate=2e-3,
+                      lr_schedule="cosine", warmup_iters=50, min_lr=2e-4, beta2=0.99, weight_decay=0.1,
+                      decay_matrices_only=True, grad_clip=1.0),
 }
+# The tokenizer a preset trains with when --tokenizer is not given.
+PRESET_TOKENIZERS = {"neuraflux": "bpe"}
 
 
 @dataclass
@@ -63,6 +69,7 @@ class TrainConfig:
     backend: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    doc_sep: str | None = None         # how the corpus was cut into [BOS] doc [EOS] documents (recorded for eval)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -114,8 +121,15 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def model_from_checkpoint(directory, backend=None, dtype=None):
-    """(model, tokenizer, checkpoint) from a checkpoint directory, on any backend."""
+    """(model, tokenizer, checkpoint) from a checkpoint directory, on any backend.
+
+    Quantized checkpoints and LoRA adapter checkpoints (npflux.finetune) load too.
+    """
     ckpt = load_checkpoint(directory)
+    if "quantization" in ckpt.config or "adapter" in ckpt.config:
+        from .finetune import special_from_checkpoint
+
+        return (*special_from_checkpoint(ckpt, directory, backend=backend, dtype=dtype), ckpt)
     config = GPTConfig.from_dict(ckpt.config["model"])
     dtype = dtype or ckpt.config.get("train", {}).get("dtype", "float32")
     model = GPT(config, backend=backend, dtype=dtype)
@@ -280,17 +294,24 @@ def plot_losses(history, path, log=print):
     return path
 
 
-def evaluate_text(model, tokenizer, text, batch_size=16):
+def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
     """Loss (nats/token), perplexity and bits per character of ``text``.
 
-    The text is cut into non-overlapping windows of block_size + 1 tokens,
-    each predicting its last block_size tokens. Bits per character divide the
-    total loss in bits by the number of characters, so models with different
-    tokenizers can be compared on the same text.
+    The text is tokenized as training saw it (``npflux.data.pack_documents``:
+    ``[BOS] doc [EOS]`` per document, split at ``doc_sep``, for tokenizers
+    that have those marks) and cut into non-overlapping windows of
+    block_size + 1 tokens, each predicting its last block_size tokens (a
+    remainder shorter than a window is left out). Bits per character divide
+    the total loss in bits by the number of characters of the text those
+    predicted tokens stand for (``npflux.data.count_chars``: an [EOS] counts
+    as the separator it replaced), so models with different tokenizers can be
+    compared on the same text.
     """
     import numpy as _host  # host-side token ids only
 
-    ids = _host.asarray(tokenizer.encode(text), dtype=_host.int64)
+    from .data import count_chars, pack_documents
+
+    ids = _host.asarray(pack_documents(tokenizer, text, doc_sep), dtype=_host.int64)
     T = model.config.block_size
     if len(ids) < 2:
         raise ValueError("evaluate_text: the text must hold at least two tokens")
@@ -310,6 +331,9 @@ def evaluate_text(model, tokenizer, text, batch_size=16):
     model.loss_cache = None
     model.train(was_training)
     mean = total_loss / total_tokens
-    chars = len(tokenizer.decode(ids[: n_windows * T + 1][1:].tolist()))
+    predicted = ids[1 : n_windows * T + 1]
+    chars = count_chars(tokenizer, predicted, doc_sep)
+    if doc_sep and len(predicted) == len(ids) - 1 and getattr(tokenizer, "eos_id", None) == ids[-1]:
+        chars -= len(doc_sep)  # the last document's [EOS] replaced no separator
     return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": total_loss / math.log(2) / max(chars, 1),
-            "tokens": total_tokens}
+            "tokens": total_tokens, "chars": chars}

@@ -4,9 +4,13 @@ from .block import Block
 from .layers import (
     Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEmbedding, SinusoidalPositionalEncoding,
 )
+from .lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lora
 from .module import Module
+from .quant import FrozenLinear, QuantizedLinear, dequantize_int8, quantize_int8, quantize_linears
 
 __all__ = [
-    "Block", "Dropout", "Embedding", "FeedForward", "KVCache", "LayerNorm", "Linear", "Module",
+    "Block", "Dropout", "Embedding", "FeedForward", "FrozenLinear", "KVCache", "LayerNorm", "Linear", "LoRALinear",
+    "Module", "QuantizedLinear", "apply_lora", "dequantize_int8", "lora_parameters", "merge_lora", "quantize_int8",
+    "quantize_linears", "unmerge_lora",
     "MultiHeadAttention", "PositionalEmbedding", "SinusoidalPositionalEncoding", "merge_heads", "split_heads",
 ]

@@ -1,0 +1,154 @@
+"""``npflux finetune`` (LoRA adapters on a trained model) and ``npflux quantize`` (int8 checkpoint).
+
+    npflux quantize out/ckpt [--out out/ckpt-int8] [--group-size 64] [--data input.txt]
+    npflux finetune --checkpoint out/ckpt --data new.txt --lora-rank 8 [--out-dir out-lora]
+    npflux sample --checkpoint out-lora/adapter          (base + adapter, loaded together)
+
+A quantized checkpoint as ``--checkpoint`` of finetune gives QLoRA-style
+fine-tuning: adapters in float over the frozen int8 base.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def _quantize(args):
+    from ..backend import to_numpy
+    from ..data import load_text
+    from ..finetune import encode_for, model_size, quantize_model, save_quantized, split_text, windows_loss
+    from ..train import model_from_checkpoint
+
+    model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
+    if "quantization" in ckpt.config or "adapter" in ckpt.config:
+        raise ValueError(f"{args.checkpoint} is already a quantized or adapter checkpoint; quantize the float model")
+    out = Path(args.out or str(Path(args.checkpoint).resolve()) + "-int8")
+    val_ids = None
+    if args.data:
+        val_ids, _, _ = encode_for(tokenizer, split_text(load_text(args.data), args.val_fraction, "tail")[1])
+    before = model_size(model)
+    loss_before = windows_loss(model, val_ids) if val_ids is not None else None
+    if val_ids is not None:
+        # The same windows through the float model give the same logits shape; keep one batch to compare.
+        probe = val_ids[: model.config.block_size][None]
+        logits_float = to_numpy(model.forward(probe)[0])
+    t0 = time.perf_counter()
+    paths = quantize_model(model, group_size=args.group_size)
+    seconds = time.perf_counter() - t0
+    after = model_size(model)
+    save_quantized(out, model, ckpt.config, tokenizer=ckpt.tokenizer, paths=paths, group_size=args.group_size,
+                   extra={"source_checkpoint": str(Path(args.checkpoint).resolve())})
+    result = {"checkpoint": str(args.checkpoint), "out": str(out), "group_size": args.group_size,
+              "quantized_layers": len(paths), "quantize_seconds": seconds,
+              "size_mb_float32": before["mb"], "size_mb_int8": after["mb"],
+              "compression": before["total"] / after["total"], "bytes_int8": after}
+    print(f"quantized {len(paths)} linear layers to int8 ({'per output channel' if args.group_size is None else f'groups of {args.group_size}'}); "
+          f"embeddings, norms, biases and lm_head stay {model.dtype}")
+    print(f"size: {before['mb']:.3f} MB -> {after['mb']:.3f} MB ({result['compression']:.2f}x smaller): "
+          f"int8 {after['int8'] / 1e6:.3f} MB + scales {after['scales'] / 1e6:.3f} MB + float {after['float'] / 1e6:.3f} MB")
+    if val_ids is not None:
+        import math
+
+        import numpy as np
+
+        loss_after = windows_loss(model, val_ids)
+        logits_int8 = to_numpy(model.forward(probe)[0])
+        result.update({"val_tokens": int(len(val_ids)), "val_loss_float32": loss_before, "val_loss_int8": loss_after,
+                       "val_loss_increase": loss_after - loss_before, "perplexity_float32": math.exp(loss_before),
+                       "perplexity_int8": math.exp(loss_after),
+                       "max_abs_logit_change": float(np.max(np.abs(logits_int8 - logits_float)))})
+        print(f"val loss ({len(val_ids):,} tokens, the last {args.val_fraction:g} of {args.data}): "
+              f"{loss_before:.5f} -> {loss_after:.5f} ({loss_after - loss_before:+.5f} nats); "
+              f"perplexity {math.exp(loss_before):.3f} -> {math.exp(loss_after):.3f}")
+    else:
+        print("(pass --data FILE to measure the change in val loss and perplexity)")
+    print(f"checkpoint: {out}   (npflux sample --checkpoint {out})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _finetune(args):
+    from ..backend import to_numpy
+    from ..data import load_text
+    from ..finetune import FinetuneConfig, encode_for, finetune, save_adapter, split_text
+    from ..train import model_from_checkpoint
+
+    model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer; cannot encode {args.data}")
+    if "adapter" in ckpt.config:
+        raise ValueError(f"{args.checkpoint} is an adapter; fine-tune its base checkpoint "
+                         f"({ckpt.config['adapter']['base_checkpoint']})")
+    train_text, val_text = split_text(load_text(args.data), args.val_fraction, args.val_split)
+    train_ids, text, dropped_train = encode_for(tokenizer, train_text, unknown=args.unknown_chars)
+    val_ids, _, dropped_val = encode_for(tokenizer, val_text, unknown=args.unknown_chars)
+    dropped = dropped_train + dropped_val
+    if dropped:
+        print(f"dropped {dropped} character(s) of {args.data} that are not in the model's vocabulary")
+    if min(len(train_ids), len(val_ids)) < 2:
+        raise ValueError(f"{args.data} is too short to split into train and validation text")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    cfg = FinetuneConfig(rank=args.lora_rank, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
+                         targets=targets, max_iters=args.max_iters, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                         eval_interval=args.eval_interval, seed=args.seed, progress=not args.quiet)
+    base_kind = "int8 (QLoRA-style)" if "quantization" in ckpt.config else str(model.dtype)
+    print(f"data: {args.data} ({len(train_ids):,} train / {len(val_ids):,} val tokens, {args.val_split} split); base {base_kind}")
+    summary = finetune(model, train_ids, val_ids, cfg)
+    out = Path(args.out_dir)
+    adapter_dir = out / "adapter"
+    save_adapter(adapter_dir, model, args.checkpoint,
+                 {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(targets), "seed": cfg.seed},
+                 tokenizer=ckpt.tokenizer, train=summary["config"],
+                 extra={"history": summary["history"], "data": str(Path(args.data).resolve())})
+    summary.update({"base_checkpoint": str(Path(args.checkpoint).resolve()), "base": base_kind,
+                    "data": str(args.data), "val_split": args.val_split, "dropped_characters": dropped, "adapter": str(adapter_dir),
+                    "adapter_bytes": (adapter_dir / "model.safetensors").stat().st_size})
+    (out / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    before, after = summary["val_loss_before"], summary["val_loss_after"]
+    print(f"val loss on the new text: {before:.4f} -> {after:.4f} ({after - before:+.4f} nats) in "
+          f"{summary['train_seconds']:.1f} s of training; {summary['trainable_parameters']:,} trainable parameters "
+          f"({100 * summary['trainable_fraction']:.2f}%)")
+    print(f"adapter: {adapter_dir} ({summary['adapter_bytes'] / 1e3:.1f} kB)   summary: {out / 'finetune.json'}")
+    if args.sample_tokens:
+        prompt = text[: min(8, len(text))]
+        idx = model.backend.asarray([tokenizer.encode(prompt)])
+        print(tokenizer.decode(to_numpy(model.generate(idx, args.sample_tokens, temperature=0.8, seed=args.seed))[0].tolist()))
+
+
+def add_parsers(sub):
+    q = sub.add_parser("quantize", help="write an int8 (weight-only) copy of a checkpoint; report size and val loss")
+    q.add_argument("checkpoint", help="a checkpoint directory (e.g. out/ckpt)")
+    q.add_argument("--out", help="where to write the quantized checkpoint (default: CHECKPOINT-int8)")
+    q.add_argument("--group-size", type=int, help="one scale per this many input rows (default: one per output channel)")
+    q.add_argument("--data", help="text file to measure val loss and perplexity on, float vs int8")
+    q.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of --data is the val text (default 0.1, as train)")
+    q.add_argument("--json", help="also write the numbers as JSON here")
+    q.add_argument("--backend")
+    q.set_defaults(func=_quantize)
+
+    f = sub.add_parser("finetune", help="train LoRA adapters of a checkpoint on a new text; saves only the adapters")
+    f.add_argument("--checkpoint", required=True, help="base checkpoint (float, or int8 from `npflux quantize` for QLoRA)")
+    f.add_argument("--data", required=True, help="the new text")
+    f.add_argument("--out-dir", default="out-lora", help="OUT_DIR/adapter is the adapter checkpoint (default out-lora)")
+    f.add_argument("--lora-rank", type=int, default=8)
+    f.add_argument("--lora-alpha", type=float, help="scaling alpha / rank (default alpha = 2 * rank)")
+    f.add_argument("--targets", default="attn.c_attn",
+                   help="comma-separated module path patterns (fnmatch, suffix match): e.g. attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj")
+    f.add_argument("--max-iters", type=int, default=300)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--learning-rate", type=float, default=3e-3)
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    f.add_argument("--eval-interval", type=int, default=100)
+    f.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of --data is held out")
+    f.add_argument("--val-split", choices=["tail", "lines"], default="tail",
+                   help="held-out text: the last --val-fraction of it (default), or every k-th line (a text of unrelated lines)")
+    f.add_argument("--unknown-chars", choices=["error", "drop"], default="error",
+                   help="characters outside a char model's vocabulary: stop with an error (default) or drop them")
+    f.add_argument("--seed", type=int, default=1337)
+    f.add_argument("--sample-tokens", type=int, default=200, help="print a sample of this many tokens at the end (0: none)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--backend")
+    f.set_defaults(func=_finetune)

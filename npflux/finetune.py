@@ -1,0 +1,293 @@
+"""Compression and adaptation of a trained GPT: int8 checkpoints, LoRA fine-tuning, adapter files.
+
+    quantize_model(model)            block linears -> QuantizedLinear (int8 + float32 scales)
+    save_quantized / checkpoints     model.safetensors holds int8 weights, scales and the float rest;
+                                     meta.json's config says {"quantization": {...}}
+    finetune(model, ...)             LoRA adapters trained with AdamW, every other weight frozen
+    save_adapter / load              model.safetensors holds ONLY the adapters' A and B; meta.json
+                                     names the base checkpoint (path and SHA-256), rank, alpha, targets
+
+``train.model_from_checkpoint`` reads all three kinds (plain, quantized,
+adapter), so ``npflux sample`` and ``npflux eval`` run from any of them. An
+adapter over a quantized base is QLoRA-style fine-tuning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import optim
+from .backend import get_backend
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import get_batch, sha256_file
+from .models import GPT, GPTConfig
+from .nn.lora import apply_lora, lora_gradients, lora_parameters
+from .nn.quant import QuantizedLinear, named_buffers, quantize_linears, refresh_flat_parameters, set_submodule
+
+# The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
+# not a Linear module (it may share wte's matrix), so it, the embeddings and the norms stay float.
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+DEFAULT_LORA_TARGETS = ("attn.c_attn",)
+
+
+# ---------------------------------------------------------------------------
+# sizes
+# ---------------------------------------------------------------------------
+
+
+def model_size(model) -> dict:
+    """Bytes held by the model's arrays, by kind, and the total in MB (10^6 bytes).
+
+    ``float``: parameters and float buffers (embeddings, norms, biases, frozen
+    float weights); ``int8``: quantized weights; ``scales``: their float32 scales.
+    """
+    sizes = {"float": 0, "int8": 0, "scales": 0}
+    arrays = {**model.params, **named_buffers(model)}
+    for name, a in arrays.items():
+        kind = "int8" if a.dtype.itemsize == 1 else "scales" if name.endswith("weight_scale") else "float"
+        sizes[kind] += int(a.nbytes)
+    sizes["total"] = sum(sizes.values())
+    sizes["mb"] = sizes["total"] / 1e6
+    return sizes
+
+
+# ---------------------------------------------------------------------------
+# quantized checkpoints
+# ---------------------------------------------------------------------------
+
+
+def quantize_model(model, group_size=None, targets=BLOCK_LINEARS):
+    """Replace the block linears by int8 QuantizedLinear layers in place; returns the quantized paths."""
+    return quantize_linears(model, group_size=group_size, targets=targets)
+
+
+def save_quantized(directory, model, config: dict, tokenizer=None, paths=(), group_size=None, extra=None):
+    """A checkpoint of a quantized model: int8 weights, float32 scales and every float array left."""
+    state = {**model.state_dict(), **named_buffers(model)}
+    config = {**config, "quantization": {"bits": 8, "scheme": "symmetric", "group_size": group_size,
+                                         "layers": list(paths)}}
+    return save_checkpoint(directory, model_state=state, config=config, tokenizer=tokenizer, extra=extra)
+
+
+def _quantized_from_state(model, state, quant: dict):
+    """Put QuantizedLinear layers built from the saved int8 arrays where the config says, then load the rest."""
+    state = dict(state)
+    for path in quant["layers"]:
+        try:
+            q, scale = state.pop(f"{path}.weight_int8"), state.pop(f"{path}.weight_scale")
+        except KeyError as exc:
+            raise CheckpointError(f"quantized checkpoint has no {exc.args[0]}") from None
+        bias = state.pop(f"{path}.bias", None)
+        layer = QuantizedLinear(q, scale, bias, backend=model.backend, dtype=model.dtype)
+        set_submodule(model, path, layer)
+    refresh_flat_parameters(model)
+    model.load_state_dict(state)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# adapter checkpoints
+# ---------------------------------------------------------------------------
+
+
+def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, train: dict | None = None,
+                 extra=None):
+    """An adapter-only checkpoint: the adapters' A and B, and the base checkpoint they belong to.
+
+    ``lora`` holds rank, alpha, targets and seed. The base is recorded by its
+    absolute path and the SHA-256 of its model.safetensors, which loading checks.
+    """
+    base = Path(base_checkpoint).resolve()
+    adapter = {**lora, "base_checkpoint": str(base), "base_sha256": sha256_file(base / "model.safetensors")}
+    config = {"model": model.config.to_dict(), "adapter": adapter, "train": train or {}}
+    return save_checkpoint(directory, model_state=lora_parameters(model), config=config, tokenizer=tokenizer,
+                           extra=extra)
+
+
+def _with_adapter(ckpt, directory, backend=None, dtype=None, base_checkpoint=None):
+    from .train import model_from_checkpoint
+
+    adapter = ckpt.config["adapter"]
+    base_dir = Path(base_checkpoint or adapter["base_checkpoint"])
+    if not (base_dir / "model.safetensors").is_file():
+        raise CheckpointError(f"adapter {directory}: its base checkpoint {base_dir} is not there "
+                              f"(moved? pass the base's new path)")
+    actual = sha256_file(base_dir / "model.safetensors")
+    if actual != adapter["base_sha256"]:
+        raise CheckpointError(f"adapter {directory} was trained on a base whose model.safetensors has SHA-256 "
+                              f"{adapter['base_sha256']}, but {base_dir} has {actual}: a different model")
+    model, tokenizer, _ = model_from_checkpoint(base_dir, backend=backend, dtype=dtype)
+    apply_lora(model, adapter["targets"], rank=adapter["rank"], alpha=adapter["alpha"], seed=adapter.get("seed", 0))
+    params = lora_parameters(model)
+    if set(params) != set(ckpt.model_state):
+        raise CheckpointError(f"adapter {directory}: its arrays {sorted(ckpt.model_state)[:4]} ... do not match "
+                              f"the adapters its config describes {sorted(params)[:4]} ...")
+    model.load_state_dict(ckpt.model_state, strict=False)
+    return model, tokenizer
+
+
+def special_from_checkpoint(ckpt, directory, backend=None, dtype=None):
+    """(model, tokenizer) for a quantized or an adapter checkpoint (``train.model_from_checkpoint`` calls it)."""
+    from .tokenizers import load_tokenizer
+
+    if "adapter" in ckpt.config:
+        return _with_adapter(ckpt, directory, backend, dtype)  # the base's tokenizer
+    config = GPTConfig.from_dict(ckpt.config["model"])
+    dtype = dtype or ckpt.config.get("train", {}).get("dtype", "float32")
+    model = _quantized_from_state(GPT(config, backend=backend, dtype=dtype), ckpt.model_state, ckpt.config["quantization"])
+    return model, load_tokenizer(ckpt.tokenizer) if ckpt.tokenizer else None
+
+
+# ---------------------------------------------------------------------------
+# text for a model's vocabulary
+# ---------------------------------------------------------------------------
+
+
+def encode_for(tokenizer, text, unknown="error"):
+    """(ids, text actually used). A character tokenizer cannot encode characters outside its
+    vocabulary: ``unknown="error"`` says which ones; ``"drop"`` removes them (and says how many)."""
+    import numpy as np
+
+    dropped = 0
+    if unknown not in ("error", "drop"):
+        raise ValueError(f"unknown must be 'error' or 'drop', got {unknown!r}")
+    vocab = getattr(tokenizer, "stoi", None)
+    if vocab is not None:
+        bad = sorted({c for c in set(text) if c not in vocab})
+        if bad and unknown == "error":
+            shown = ", ".join(repr(c) for c in bad[:20])
+            raise ValueError(f"the text has {len(bad)} character(s) outside the model's vocabulary ({shown}); "
+                             f"pass --unknown-chars drop to remove them")
+        if bad:
+            kept = "".join(c for c in text if c in vocab)
+            dropped = len(text) - len(kept)
+            text = kept
+    return np.asarray(tokenizer.encode(text), dtype=np.int64), text, dropped
+
+
+def split_text(text, val_fraction=0.1, how="tail"):
+    """(train text, val text). ``tail``: the last ``val_fraction`` of the characters (as ``npflux train``);
+    ``lines``: every k-th line (k = round(1 / val_fraction)), for a text of unrelated lines whose
+    tail would be a different topic from the rest."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if how == "tail":
+        n_train = int(len(text) * (1.0 - val_fraction))
+        return text[:n_train], text[n_train:]
+    if how != "lines":
+        raise ValueError(f"split must be 'tail' or 'lines', got {how!r}")
+    lines = text.splitlines(keepends=True)
+    k = max(2, round(1.0 / val_fraction))
+    if len(lines) < k:
+        raise ValueError(f"a 'lines' split with val_fraction {val_fraction} needs at least {k} lines, the text has {len(lines)}")
+    val = [ln for i, ln in enumerate(lines) if i % k == k - 1]
+    train = [ln for i, ln in enumerate(lines) if i % k != k - 1]
+    return "".join(train), "".join(val)
+
+
+# ---------------------------------------------------------------------------
+# fine-tuning
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = DEFAULT_LORA_TARGETS
+    max_iters: int = 300
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    seed: int = 1337
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("rank", "max_iters", "batch_size", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def windows_loss(model, ids, batch_size=16):
+    """Mean loss over ``ids`` cut into non-overlapping windows of block_size + 1 (every token predicted once)."""
+    import numpy as np
+
+    T = model.config.block_size
+    if len(ids) < 2:
+        raise ValueError("windows_loss: need at least two tokens")
+    T = min(T, len(ids) - 1)
+    n = (len(ids) - 1) // T
+    windows = np.stack([ids[i * T : i * T + T + 1] for i in range(n)])
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, n, batch_size):
+        batch = windows[start : start + batch_size]
+        _, loss = model.forward(batch[:, :-1], batch[:, 1:])
+        total += float(loss) * batch.shape[0]
+    model.loss_cache = None
+    model.train(was_training)
+    return total / n
+
+
+def finetune(model, train_ids, val_ids, cfg: FinetuneConfig, log=print):
+    """Put LoRA adapters on ``model`` and train only them on ``train_ids``; returns a summary dict.
+
+    The base weights are frozen (no gradient arrays); the optimizer gets the
+    adapters' parameters and nothing else. Losses are full passes over the
+    validation ids (``windows_loss``), before, during and after.
+    """
+    base_params = model.num_parameters()
+    paths = apply_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    params, grads = lora_parameters(model), lora_gradients(model)
+    trainable = sum(int(p.size) for p in params.values())
+    opt = optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    block = min(model.config.block_size, len(train_ids) - 1)
+    rng = get_backend("numpy").rng(cfg.seed)
+    log(f"LoRA rank {cfg.rank}, alpha {cfg.alpha} on {len(paths)} layers ({', '.join(cfg.targets)}): "
+        f"{trainable:,} trainable parameters = {100 * trainable / base_params:.2f}% of the base's {base_params:,}")
+
+    history = [{"step": 0, "train_loss": windows_loss(model, train_ids), "val_loss": windows_loss(model, val_ids)}]
+    log(f"step 0: train loss {history[0]['train_loss']:.4f}, val loss {history[0]['val_loss']:.4f}")
+    bar = None
+    if cfg.progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_iters, unit="step", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    t0 = time.perf_counter()
+    train_time = 0.0
+    for step in range(1, cfg.max_iters + 1):
+        t_step = time.perf_counter()
+        model.zero_grad()
+        x, y = get_batch(train_ids, cfg.batch_size, block, rng)
+        _, loss = model.forward(x, y)
+        model.backward()
+        if cfg.grad_clip > 0:
+            optim.clip_grad_norm(grads, cfg.grad_clip)
+        opt.step(grads)
+        train_time += time.perf_counter() - t_step
+        if bar:
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            bar.update(1)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            entry = {"step": step, "train_loss": windows_loss(model, train_ids), "val_loss": windows_loss(model, val_ids)}
+            history.append(entry)
+            msg = f"step {step}: train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}"
+            bar.write(msg) if bar else log(msg)
+    if bar:
+        bar.close()
+    return {"adapted_layers": paths, "trainable_parameters": trainable, "base_parameters": base_params,
+            "trainable_fraction": trainable / base_params, "history": history,
+            "val_loss_before": history[0]["val_loss"], "val_loss_after": history[-1]["val_loss"],
+            "train_seconds": train_time, "total_seconds": time.perf_counter() - t0,
+            "config": {**dataclasses.asdict(cfg), "targets": list(cfg.targets)}}
+

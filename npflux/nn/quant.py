@@ -1,0 +1,207 @@
+"""Symmetric int8 weight quantization and the frozen linear layers that run on it.
+
+Per output channel (one scale per column of the (in, out) weight)::
+
+    s_j = max_i |W_ij| / 127          q_ij = round(W_ij / s_j)  in [-127, 127]
+    W_ij ~ q_ij * s_j                 |W_ij - q_ij s_j| <= s_j / 2
+
+Per group (``group_size=G``): each column is cut into runs of G input rows,
+and every run has its own scale, s (in/G, out), so one large weight in a
+column spoils the precision of only its own group. -128 is never used, so
+the grid is symmetric and zero is exact.
+
+``FrozenLinear`` and ``QuantizedLinear`` compute y = x @ W + b with a weight
+that is not trained: they have NO parameters and no gradient arrays (the
+weight and bias live in ``buffers``), and their backward returns only the
+input gradient dx = dy @ W^T. They are the base of a LoRA adapter
+(``npflux.nn.lora``) and the layers of a quantized model.
+"""
+import fnmatch
+
+from .. import ops
+from ..backend import get_array_module
+from .module import Module
+
+INT8_MAX = 127
+
+
+def _grouped(w, group_size):
+    """(in, out) -> (in / G, G, out), checking G divides the input width."""
+    n_in, n_out = w.shape
+    if group_size <= 0 or n_in % group_size != 0:
+        raise ValueError(f"group_size {group_size} must be positive and divide the input width {n_in}")
+    return w.reshape(n_in // group_size, group_size, n_out)
+
+
+def quantize_int8(w, group_size=None):
+    """(q, scale): q int8 of w's shape (in, out); scale float32, (out,) or (in / group_size, out).
+
+    An all-zero column (or group) gets scale 1 so nothing divides by zero; its q is 0.
+    """
+    xp = get_array_module(w)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_int8: expected a 2-d (in, out) weight, got shape {w.shape}")
+    if not bool(xp.isfinite(w).all()):
+        raise ValueError("quantize_int8: the weight holds values that are not finite (NaN or inf)")
+    w = w.astype(xp.float32)
+    blocks = w[None] if group_size is None else _grouped(w, group_size)  # (groups, rows, out)
+    amax = xp.abs(blocks).max(axis=1)                                   # (groups, out)
+    scale = xp.where(amax > 0, amax / INT8_MAX, 1.0).astype(xp.float32)
+    q = xp.clip(xp.rint(blocks / scale[:, None, :]), -INT8_MAX, INT8_MAX).astype(xp.int8)
+    return q.reshape(w.shape), (scale[0] if group_size is None else scale)
+
+
+def dequantize_int8(q, scale, dtype=None):
+    """W = q * s in ``dtype`` (float32 by default); the group size is read from the shapes."""
+    xp = get_array_module(q)
+    dtype = dtype or xp.float32
+    n_in, n_out = q.shape
+    if scale.ndim == 1:
+        return q.astype(dtype) * scale.astype(dtype)
+    groups = scale.shape[0]
+    if scale.shape[1] != n_out or n_in % groups != 0:
+        raise ValueError(f"dequantize_int8: scales {scale.shape} do not fit a weight of shape {q.shape}")
+    w = q.astype(dtype).reshape(groups, n_in // groups, n_out) * scale.astype(dtype)[:, None, :]
+    return w.reshape(n_in, n_out)
+
+
+def input_grad(dy, w):
+    """dx = dy @ w^T for y = x @ w, leading axes flattened into one 2-d matmul (as ops.linear_backward)."""
+    return (dy.reshape(-1, w.shape[1]) @ w.T).reshape(*dy.shape[:-1], w.shape[0])
+
+
+class FrozenLinear(Module):
+    """y = x @ W + b with W, b fixed: backward gives dx = dy @ W^T and no weight gradient."""
+
+    def __init__(self, weight, bias=None, backend=None, dtype=None):
+        super().__init__(backend, dtype)
+        # Own copies: a weight that was a view into a model's flat parameter buffer must not keep it alive.
+        self.buffers = {"weight": self.backend.asarray(weight, dtype=self.dtype).copy()}
+        if bias is not None:
+            self.buffers["bias"] = self.backend.asarray(bias, dtype=self.dtype).copy()
+
+    @classmethod
+    def from_linear(cls, linear):
+        return cls(linear.p["weight"], linear.p.get("bias"), backend=linear.backend, dtype=linear.dtype)
+
+    @property
+    def shape(self):
+        return self.buffers["weight"].shape
+
+    def weight(self):
+        return self.buffers["weight"]
+
+    def forward(self, x):
+        y, _ = ops.linear_forward(x, self.buffers["weight"], self.buffers.get("bias"))
+        return y
+
+    def backward(self, dy):
+        return input_grad(dy, self.buffers["weight"])
+
+
+class QuantizedLinear(Module):
+    """y = x @ (q * s) + b: an int8 weight dequantized on the fly, forward and backward alike.
+
+    Only the int8 weight, its float32 scales and the bias are kept; the float
+    weight exists only during one forward or backward call. Backward gives the
+    input gradient dx = dy @ (q * s)^T; the weight is frozen (no gradient).
+    """
+
+    def __init__(self, weight_int8, weight_scale, bias=None, backend=None, dtype=None):
+        super().__init__(backend, dtype)
+        xp = self.xp
+        if weight_int8.dtype != xp.int8 or weight_int8.ndim != 2:
+            raise ValueError(f"QuantizedLinear: weight must be a 2-d int8 array, got {weight_int8.dtype} {weight_int8.shape}")
+        self.buffers = {"weight_int8": self.backend.asarray(weight_int8).astype(xp.int8),
+                        "weight_scale": self.backend.asarray(weight_scale, dtype=xp.float32)}
+        dequantize_int8(self.buffers["weight_int8"][:1], self.buffers["weight_scale"][:1])  # shapes checked early
+        if bias is not None:
+            self.buffers["bias"] = self.backend.asarray(bias, dtype=self.dtype).copy()
+
+    @classmethod
+    def from_linear(cls, linear, group_size=None):
+        """Quantize a Linear (or FrozenLinear) layer's weight; the bias stays in the model's dtype."""
+        weight = linear.p["weight"] if "weight" in linear.p else linear.buffers["weight"]
+        bias = linear.p.get("bias") if "weight" in linear.p else linear.buffers.get("bias")
+        q, scale = quantize_int8(weight, group_size)
+        return cls(q, scale, bias, backend=linear.backend, dtype=linear.dtype)
+
+    @property
+    def shape(self):
+        return self.buffers["weight_int8"].shape
+
+    @property
+    def group_size(self):
+        scale = self.buffers["weight_scale"]
+        return None if scale.ndim == 1 else self.shape[0] // scale.shape[0]
+
+    def weight(self):
+        """The dequantized weight q * s, in the layer's dtype."""
+        return dequantize_int8(self.buffers["weight_int8"], self.buffers["weight_scale"], self.dtype)
+
+    def forward(self, x):
+        y, _ = ops.linear_forward(x, self.weight(), self.buffers.get("bias"))
+        return y
+
+    def backward(self, dy):
+        return input_grad(dy, self.weight())
+
+
+def named_modules(module, prefix=""):
+    """(dotted path, module) for ``module`` and every descendant, parents first."""
+    yield prefix.rstrip("."), module
+    for name, child in list(module.named_children()):
+        yield from named_modules(child, f"{prefix}{name}.")
+
+
+def set_submodule(root, path, new):
+    """Put ``new`` where the module at dotted ``path`` is (the parent's attribute, so its structure version moves)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root
+    for part in parent_path.split(".") if parent_path else []:
+        parent = parent._children[part]
+    if name not in parent._children:
+        raise KeyError(f"no submodule {path!r}")
+    setattr(parent, name, new)
+
+
+def path_matches(path, pattern):
+    """fnmatch on the dotted path; a pattern without a leading wildcard also matches as a suffix
+    ("attn.c_attn" matches "transformer.h.3.attn.c_attn")."""
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
+
+
+def quantize_linears(model, group_size=None, targets=("*",)):
+    """Replace every Linear / FrozenLinear whose path matches a pattern in ``targets`` by a QuantizedLinear.
+
+    Returns the quantized paths. The model's parameter buffers are rebuilt
+    (``flatten_parameters``) when it had them, so ``zero_grad`` and the
+    optimizer see exactly the parameters that remain.
+    """
+    from .layers import Linear
+
+    done = []
+    for path, m in list(named_modules(model)):
+        if isinstance(m, (Linear, FrozenLinear)) and any(path_matches(path, t) for t in targets):
+            set_submodule(model, path, QuantizedLinear.from_linear(m, group_size))
+            done.append(path)
+    if not done:
+        raise ValueError(f"quantize: no linear layer matches {list(targets)}")
+    refresh_flat_parameters(model)
+    return done
+
+
+def refresh_flat_parameters(model):
+    """After layers were swapped: one buffer for the parameters that are left, if the model used one."""
+    if getattr(model, "_flat_grads", None) is not None:
+        object.__setattr__(model, "_flat_grads", None)
+        if model.params:
+            model.flatten_parameters()
+
+
+def named_buffers(module, prefix=""):
+    """Every buffer of ``module`` and its children by dotted name (the frozen layers' arrays)."""
+    out = {prefix + k: v for k, v in getattr(module, "buffers", {}).items()}
+    for name, child in module.named_children():
+        out.update(named_buffers(child, f"{prefix}{name}."))
+    return out
