@@ -1,4 +1,6 @@
 """Models compose modules: GPT (decoder-only)."""
 from .gpt import GPT, PRESETS, GPTConfig, load_gpt2_safetensors, normalize_gpt2_state_dict
+from .sae import SAEConfig, SparseAutoencoder
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "load_gpt2_safetensors", "normalize_gpt2_state_dict"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "load_gpt2_safetensors", "normalize_gpt2_state_dict",
+           "SAEConfig", "SparseAutoencoder"]
