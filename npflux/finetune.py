@@ -53,6 +53,12 @@ def model_size(model) -> dict:
     return sizes
 
 
+def weight_count(model) -> int:
+    """Numbers the model computes with: its parameters plus its frozen and int8 weights and biases (not scales)."""
+    frozen = sum(int(a.size) for k, a in named_buffers(model).items() if not k.endswith("weight_scale"))
+    return model.num_parameters() + frozen
+
+
 # ---------------------------------------------------------------------------
 # quantized checkpoints
 # ---------------------------------------------------------------------------
@@ -243,7 +249,7 @@ def finetune(model, train_ids, val_ids, cfg: FinetuneConfig, log=print):
     adapters' parameters and nothing else. Losses are full passes over the
     validation ids (``windows_loss``), before, during and after.
     """
-    base_params = model.num_parameters()
+    base_params = weight_count(model)
     paths = apply_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
     params, grads = lora_parameters(model), lora_gradients(model)
     trainable = sum(int(p.size) for p in params.values())

@@ -395,6 +395,7 @@ def test_qlora_adapter_over_int8_base(tmp_path):
     int8_before = {k: v.copy() for k, v in named_buffers(qmodel).items() if v.dtype == np.int8}
     summary = finetune(qmodel, ids[:1500], ids[1500:], cfg, log=lambda *a: None)
     assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert summary["base_parameters"] == GPT(qmodel.config).num_parameters()  # int8 weights counted
     for k, v in named_buffers(qmodel).items():
         if v.dtype == np.int8:
             np.testing.assert_array_equal(v, int8_before[k.replace(".base.", ".")], err_msg=k)
@@ -426,6 +427,9 @@ def test_commands(tmp_path, capsys):
     result = json.loads((tmp_path / "q.json").read_text())
     assert result["size_mb_int8"] < result["size_mb_float32"] and "val_loss_increase" in result
     assert (tmp_path / "base-int8" / "meta.json").is_file()
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(tmp_path / "base-int8"), "--text", str(data)])
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["val_loss_int8"], abs=0.5)
     main(["finetune", "--checkpoint", str(base_dir), "--data", str(data), "--lora-rank", "2", "--max-iters", "5",
           "--out-dir", str(tmp_path / "ft"), "--quiet", "--sample-tokens", "10"])
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
