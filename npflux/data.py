@@ -177,6 +177,101 @@ def prepare_char_dataset(text: str, val_fraction: float = 0.1):
     return tok, ids[:n_train].copy(), ids[n_train:].copy()
 
 
+def has_document_marks(tokenizer) -> bool:
+    """Whether the tokenizer has [BOS] and [EOS] (BPE does, the char tokenizer does not)."""
+    return getattr(tokenizer, "bos_id", None) is not None and getattr(tokenizer, "eos_id", None) is not None
+
+
+def split_documents(text: str, doc_sep: str | None = None) -> list:
+    """``text.split(doc_sep)`` (the whole text when doc_sep is None or empty), so ``doc_sep.join`` gives it back."""
+    return text.split(doc_sep) if doc_sep else [text]
+
+
+def pack_documents(tokenizer, text: str, doc_sep: str | None = None, dtype=None) -> np.ndarray:
+    """The corpus as one id stream: ``[BOS] doc [EOS]`` for each document, back to back.
+
+    Documents are the pieces of ``text`` between occurrences of ``doc_sep``
+    (the separator itself is not encoded: ``[EOS] [BOS]`` stands for it, so
+    the stream still holds the whole text and nothing else). A tokenizer
+    without [BOS]/[EOS] (char) encodes the text as it is, and ``doc_sep``
+    must then be None. Returns a host array of ``ids_dtype(vocab_size)``.
+    """
+    dtype = np.dtype(dtype or ids_dtype(tokenizer.vocab_size))
+    if not has_document_marks(tokenizer):
+        if doc_sep:
+            raise ValueError(f"{type(tokenizer).__name__} has no [BOS]/[EOS] tokens to separate documents with; "
+                             f"use a BPE tokenizer or no document separator")
+        return np.asarray(tokenizer.encode_array(text), dtype=dtype)
+    docs = split_documents(text, doc_sep)
+    encoded = tokenizer.encode_batch(docs) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(d) for d in docs]
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    out = np.empty(sum(len(ids) + 2 for ids in encoded), dtype=dtype)
+    pos = 0
+    for ids in encoded:
+        out[pos] = bos
+        out[pos + 1 : pos + 1 + len(ids)] = ids
+        out[pos + 1 + len(ids)] = eos
+        pos += len(ids) + 2
+    return out
+
+
+def count_chars(tokenizer, ids, doc_sep: str | None = None) -> int:
+    """How many characters of the original text the token ids stand for.
+
+    Ordinary tokens count the characters they decode to; each [EOS] counts
+    as the separator it replaced (``len(doc_sep)``), [BOS] and [PAD] as
+    nothing. (The [EOS] ending the last document replaced nothing; callers
+    covering it subtract ``len(doc_sep)``.) Bits per character divide by
+    this, so models with different tokenizers are compared on the same text.
+    """
+    ids = np.asarray(ids).reshape(-1)
+    special = getattr(tokenizer, "special_ids", None)
+    if not special:
+        return len(tokenizer.decode(ids.tolist()))
+    is_special = np.isin(ids, list(special))
+    chars = 0
+    # decode each run between special tokens on its own (a run never crosses a document boundary)
+    bounds = np.flatnonzero(np.diff(np.concatenate([[True], is_special, [True]]).astype(np.int8)))
+    for start, stop in zip(bounds[::2], bounds[1::2]):
+        chars += len(tokenizer.decode(ids[start:stop].tolist()))
+    return chars + len(doc_sep or "") * int((ids == tokenizer.eos_id).sum())
+
+
+def prepare_dataset(text: str, tokenizer="char", val_fraction: float = 0.1, vocab_size: int = 10_000,
+                    doc_sep: str | None = None, show_progress: bool = False):
+    """Tokenizer and train/validation ids for either tokenizer.
+
+    ``tokenizer`` is "char", "bpe", or a tokenizer to reuse (a resumed run
+    must encode with the tokenizer its checkpoint holds). The split is by
+    characters, as ``prepare_char_dataset``: the first ``1 - val_fraction``
+    of the text trains, the rest validates, so char and BPE models are judged
+    on the same validation text. A BPE tokenizer is trained on the training
+    text only (``vocab_size`` tokens at most), so validation text is unseen
+    by it too; each split is packed with ``pack_documents``.
+    Returns ``(tokenizer, train_ids, val_ids)``.
+    """
+    if tokenizer == "char":
+        if doc_sep:
+            raise ValueError("the char tokenizer has no [BOS]/[EOS]; a document separator needs --tokenizer bpe")
+        return prepare_char_dataset(text, val_fraction)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not text:
+        raise ValueError("cannot build a dataset from empty text")
+    n_train = int(len(text) * (1.0 - val_fraction))
+    train_text, val_text = text[:n_train], text[n_train:]
+    if tokenizer == "bpe":
+        from .tokenizers import BPETokenizer
+
+        tokenizer = BPETokenizer.train(split_documents(train_text, doc_sep), vocab_size=vocab_size,
+                                       show_progress=show_progress)
+    elif isinstance(tokenizer, str):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose 'char' or 'bpe'")
+    train_ids = pack_documents(tokenizer, train_text, doc_sep)
+    val_ids = pack_documents(tokenizer, val_text, doc_sep) if val_text else np.zeros(0, train_ids.dtype)
+    return tokenizer, train_ids, val_ids
+
+
 def write_prepared_dataset(out_dir, tokenizer, train_ids, val_ids, extra: dict | None = None) -> dict:
     """Write ``train.bin``, ``val.bin`` (raw ids) and ``meta.json`` as nanoGPT does.
 

@@ -140,3 +140,160 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             yield to_numpy(nxt).astype("int64")
 
     return tokens(idx)
+
+
+# ---------------------------------------------------------------------------
+# beam search
+# ---------------------------------------------------------------------------
+
+
+def _host_log_softmax(logits):
+    """log softmax of (B, V) logits, in float64 on the host (beam scores add up many of them)."""
+    import numpy as np
+
+    from .backend import to_numpy
+
+    x = to_numpy(logits).astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _reorder_caches(caches, parents):
+    """Row i of every cache becomes a copy of row parents[i] (beams that survive, duplicated where they branch)."""
+    for cache in caches:
+        cache.k = cache.k[parents]
+        cache.v = cache.v[parents]
+
+
+def _next_logits(model, prompt, tokens, caches, use_cache):
+    """Next-token logits (n, V) of each beam prompt + tokens[i]; feeds the caches where they still apply."""
+    import numpy as np
+
+    block = model.config.block_size
+    n = tokens.shape[0]
+    seqs = np.concatenate([np.repeat(prompt[None], n, axis=0), tokens], axis=1)
+    if not use_cache or seqs.shape[1] > block:
+        # past the context the positions shift: recompute the window, as generate() does
+        return model.forward(seqs[:, -block:])[0][:, -1, :], None
+    if caches is None:  # prefill: the prompt once, shared by every beam
+        caches = model.new_kv_caches(1)
+        return model.forward(prompt[None], kv_caches=caches)[0][:, -1, :], caches
+    return model.forward(seqs[:, -1:], kv_caches=caches)[0][:, -1, :], caches
+
+
+def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0, eos_id=None, use_cache=True):
+    """The ``beam_width`` most probable continuations of one prompt, kept ``beam_width`` at a time.
+
+    ``idx`` is one prompt: (T,) or (1, T) token ids. Each step extends every
+    live beam by every token, scores the candidates by their total
+    log-probability ``sum log p(token | prefix)`` and keeps the best
+    ``beam_width``. A candidate ending in ``eos_id`` (among the top
+    ``beam_width``) is finished; it leaves the beam with the score
+
+        score = log p(new tokens) / len(new tokens) ** length_penalty
+
+    (0: raw log-probability, which favours short answers; 1: mean log-prob per
+    token). Beams still running after ``max_new_tokens`` are scored the same
+    way. The search stops early once ``beam_width`` hypotheses are finished
+    and no live beam can beat the worst of them any more (log-probabilities
+    only fall, so a live beam's best possible score is bounded).
+
+    Returns ``(sequences, scores)``, best first: up to ``beam_width`` host
+    int64 arrays (the prompt, then the new tokens, ending with ``eos_id``
+    where finished) and their float scores. Width 1 without ``eos_id`` is
+    greedy decoding. With ``use_cache`` each step runs one token per beam
+    against key/value caches reordered to follow the surviving beams.
+    """
+    import numpy as np
+
+    from .backend import to_numpy
+
+    prompt = np.asarray(to_numpy(idx) if hasattr(idx, "shape") else idx)
+    check_int(prompt, "beam_search: idx")
+    prompt = prompt.astype(np.int64)
+    if prompt.ndim == 2 and prompt.shape[0] == 1:
+        prompt = prompt[0]
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(f"beam_search: idx must be one prompt, (T,) or (1, T) with T >= 1, got shape {prompt.shape}")
+    if int(beam_width) < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    V = model.config.vocab_size
+    if eos_id is not None and not 0 <= eos_id < V:
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {V})")
+    if max_new_tokens == 0:
+        return [prompt.copy()], [0.0]
+    k, alpha = int(beam_width), float(length_penalty)
+
+    def score(logp, n_new):
+        return logp / n_new ** alpha
+
+    tokens = np.zeros((1, 0), dtype=np.int64)  # the live beams' new tokens
+    logps = np.zeros(1)                          # and their log-probabilities
+    finished = []                                # (score, tokens) of beams that emitted eos_id
+    caches = None
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(max_new_tokens):
+            logits, caches = _next_logits(model, prompt, tokens, caches, use_cache)
+            cand = (logps[:, None] + _host_log_softmax(logits)).ravel()
+            # 2k candidates always leave k that do not end the beam (each beam has one eos candidate)
+            order = np.argsort(-cand, kind="stable")[: 2 * k]
+            parents, new = [], []
+            for rank, c in enumerate(order.tolist()):
+                parent, token = divmod(c, V)
+                if token == eos_id:
+                    if rank < k:  # an eos below the top k would not have been kept as a beam either
+                        finished.append((score(cand[c], step + 1), np.append(tokens[parent], token)))
+                    continue
+                parents.append(parent)
+                new.append(token)
+                if len(parents) == k:
+                    break
+            finished = sorted(finished, key=lambda f: -f[0])[:k]
+            if not parents:
+                tokens, logps = tokens[:0], logps[:0]
+                break
+            parents = np.asarray(parents)
+            tokens = np.concatenate([tokens[parents], np.asarray(new)[:, None]], axis=1)
+            logps = cand[parents * V + np.asarray(new)]
+            if caches is not None:
+                _reorder_caches(caches, model.backend.asarray(parents))
+            if len(finished) == k and step + 1 < max_new_tokens:
+                # The best a live beam can still reach: its log-prob can only fall, and
+                # divided by n ** alpha it is highest at the longest length (alpha >= 0)
+                # or at the next one (alpha < 0).
+                n_best = max_new_tokens if alpha >= 0 else step + 2
+                if finished[-1][0] >= score(logps.max(), n_best):
+                    tokens, logps = tokens[:0], logps[:0]
+                    break
+    finally:
+        model.train(was_training)
+    pool = finished + [(score(lp, tokens.shape[1]), t) for lp, t in zip(logps.tolist(), tokens)]
+    pool.sort(key=lambda f: -f[0])  # stable: earlier (finished, higher-ranked) hypotheses win ties
+    pool = pool[:k]
+    return [np.concatenate([prompt, t]) for _, t in pool], [float(s) for s, _ in pool]
+
+
+def sequence_logprob(model, idx, continuation):
+    """log p(continuation | idx), summed over its tokens (float64), each token seen with at most block_size before it."""
+    import numpy as np
+
+    from .backend import to_numpy
+
+    prompt = np.asarray(to_numpy(idx)).reshape(-1).astype(np.int64)
+    cont = np.asarray(to_numpy(continuation)).reshape(-1).astype(np.int64)
+    seq = np.concatenate([prompt, cont])
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        total = 0.0
+        for i in range(len(prompt), len(seq)):  # one forward per token: clear, and this is for checking
+            logp = _host_log_softmax(model.forward(seq[None, max(0, i - block) : i])[0][:, -1, :])[0]
+            total += logp[seq[i]]
+    finally:
+        model.train(was_training)
+    return float(total)

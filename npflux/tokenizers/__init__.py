@@ -8,9 +8,10 @@ tokenizer. A new kind registers itself in ``TOKENIZERS`` (or with
 """
 from __future__ import annotations
 
+from .bpe import BPETokenizer
 from .char import CharTokenizer
 
-TOKENIZERS = {"char": CharTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
 
 
 def register_tokenizer(type_name: str, cls):
@@ -29,4 +30,26 @@ def load_tokenizer(d: dict):
     return cls.from_dict(d)
 
 
-__all__ = ["CharTokenizer", "TOKENIZERS", "load_tokenizer", "register_tokenizer"]
+def encode_prompt(tokenizer, text: str) -> list:
+    """Ids to start generation from: ``[BOS]`` then the text, for tokenizers that mark documents.
+
+    A model trained on ``[BOS] doc [EOS]`` documents expects ``[BOS]`` at a
+    document's start; a char tokenizer has none and needs some text.
+    """
+    bos = getattr(tokenizer, "bos_id", None)
+    ids = ([] if bos is None else [bos]) + tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no [BOS] token to start from")
+    return ids
+
+
+def decode_text(tokenizer, ids) -> str:
+    """The text of ``ids`` without special tokens (what to show a reader)."""
+    special = getattr(tokenizer, "special_ids", None)
+    if not special:
+        return tokenizer.decode(ids)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+__all__ = ["BPETokenizer", "CharTokenizer", "TOKENIZERS", "decode_text", "encode_prompt", "load_tokenizer",
+           "register_tokenizer"]

@@ -1,0 +1,168 @@
+"""Beam search: width 1 is greedy, it never loses to greedy here, and it matches an exhaustive search."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npflux.generate import beam_search, sequence_logprob
+from npflux.models import GPT, GPTConfig
+
+
+def tiny(vocab=5, block=8, seed=0, dtype="float64"):
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_embd=8)
+    return GPT(cfg, seed=seed, dtype=dtype)
+
+
+def exhaustive(model, prompt, length, alpha, eos_id=None):
+    """Every continuation of up to ``length`` tokens, scored, best first.
+
+    A continuation ends at its first ``eos_id`` or runs the full length (as a
+    beam does). One batched forward over all V**length full continuations
+    gives every prefix's log-probability; each prefix is read off the row
+    that continues it with zeros.
+    """
+    V = model.config.vocab_size
+    conts = np.array(list(itertools.product(range(V), repeat=length)), dtype=np.int64)
+    seqs = np.concatenate([np.repeat(np.asarray(prompt)[None], len(conts), axis=0), conts], axis=1)
+    model.eval()
+    logits = model.forward(seqs[:, :-1])[0][:, len(prompt) - 1 :, :]
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    prefix_logp = np.cumsum(np.take_along_axis(logp, conts[:, :, None], axis=-1)[..., 0], axis=1)
+    found = []
+    for n in range(1, length + 1):
+        for row in np.flatnonzero((conts[:, n:] == 0).all(axis=1)):
+            cont = tuple(conts[row, :n].tolist())
+            if eos_id is not None and eos_id in cont[:-1]:
+                continue
+            if n < length and (eos_id is None or cont[-1] != eos_id):
+                continue  # an unfinished continuation counts only at the full length
+            found.append((prefix_logp[row, n - 1] / n ** alpha, cont))
+    return sorted(found, key=lambda f: -f[0])
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10_000), prompt_len=st.integers(1, 4), n_new=st.integers(1, 6))
+def test_width_one_is_greedy(seed, prompt_len, n_new):
+    model = tiny(seed=seed)
+    prompt = np.random.default_rng(seed).integers(0, 5, prompt_len)
+    greedy = model.generate(prompt[None], n_new, temperature=0)[0]
+    seqs, scores = beam_search(model, prompt, beam_width=1, max_new_tokens=n_new, length_penalty=0.0)
+    assert len(seqs) == 1
+    np.testing.assert_array_equal(seqs[0], greedy)
+    assert scores[0] == pytest.approx(sequence_logprob(model, prompt, greedy[prompt_len:]), abs=1e-10)
+
+
+def test_width_one_with_eos_stops_where_greedy_reaches_eos():
+    model = tiny(seed=3)
+    prompt = np.array([1, 2])
+    greedy = model.generate(prompt[None], 6, temperature=0)[0].tolist()
+    eos = greedy[4]  # make the greedy path's third new token the end of the document
+    seqs, _ = beam_search(model, prompt, beam_width=1, max_new_tokens=6, length_penalty=0.0, eos_id=eos)
+    assert seqs[0].tolist() == greedy[: greedy.index(eos, 2) + 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_best_beam_is_at_least_as_probable_as_greedy(seed, width):
+    model = tiny(vocab=11, block=16, seed=seed, dtype="float32")
+    prompt = np.array([seed % 11, 3])
+    greedy = model.generate(prompt[None], 8, temperature=0)[0][2:]
+    seqs, scores = beam_search(model, prompt, beam_width=width, max_new_tokens=8, length_penalty=0.0)
+    assert scores == sorted(scores, reverse=True) and len(seqs) == width
+    # both recomputed the same way (float32 cached and uncached forwards differ in the last bits)
+    assert sequence_logprob(model, prompt, seqs[0][2:]) >= sequence_logprob(model, prompt, greedy)
+    # the reported score is the sequence's log-probability, recomputed from scratch
+    for seq, s in zip(seqs, scores):
+        assert s == pytest.approx(sequence_logprob(model, prompt, seq[2:]), abs=1e-4)
+
+
+def test_beam_can_beat_greedy():
+    """Not vacuous: on this tiny model greedy's first choice leads to a less probable sequence."""
+    model = tiny(vocab=11, block=16, seed=3, dtype="float32")
+    prompt = np.array([3, 3])
+    greedy = model.generate(prompt[None], 8, temperature=0)[0][2:]
+    seqs, _ = beam_search(model, prompt, beam_width=2, max_new_tokens=8, length_penalty=0.0)
+    assert seqs[0][2:].tolist() != greedy.tolist()
+    assert sequence_logprob(model, prompt, seqs[0][2:]) > sequence_logprob(model, prompt, greedy) + 0.1
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("eos_id", [None, 0])
+def test_full_width_beam_equals_exhaustive_search(alpha, eos_id):
+    """With room for every prefix the beam IS the exhaustive search: same ranking, same scores."""
+    model = tiny(vocab=3, seed=7)
+    prompt = np.array([1])
+    want = exhaustive(model, prompt, 4, alpha, eos_id)
+    k = 3 ** 4
+    seqs, scores = beam_search(model, prompt, beam_width=k, max_new_tokens=4, length_penalty=alpha, eos_id=eos_id)
+    assert len(seqs) == len(want)
+    np.testing.assert_allclose(scores, [s for s, _ in want], rtol=0, atol=1e-10)
+    assert [tuple(s[1:].tolist()) for s in seqs][:5] == [c for _, c in want][:5]
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 1000), width=st.integers(1, 6), alpha=st.sampled_from([0.0, 0.6, 1.0, 2.0]),
+       use_eos=st.booleans())
+def test_narrow_beam_never_beats_the_exhaustive_best(seed, width, alpha, use_eos):
+    """Beam search may miss the best sequence, but what it returns is real and no better than the best."""
+    model = tiny(vocab=3, seed=seed)
+    prompt = np.array([2, 1])
+    eos_id = 0 if use_eos else None
+    want = exhaustive(model, prompt, 4, alpha, eos_id)
+    seqs, scores = beam_search(model, prompt, beam_width=width, max_new_tokens=4, length_penalty=alpha, eos_id=eos_id)
+    assert scores[0] <= want[0][0] + 1e-12
+    table = {c: s for s, c in want}
+    for seq, s in zip(seqs, scores):
+        assert s == pytest.approx(table[tuple(seq[2:].tolist())], abs=1e-10)  # a real candidate, scored right
+
+
+def test_finished_beams_end_with_eos_and_stop_early():
+    model = tiny(vocab=6, block=32, seed=11)
+    prompt = np.array([1, 2, 3])
+    seqs, scores = beam_search(model, prompt, beam_width=3, max_new_tokens=30, length_penalty=1.0, eos_id=4)
+    for seq in seqs:
+        new = seq[3:].tolist()
+        assert 4 not in new[:-1]  # nothing after the end of the document
+        assert new[-1] == 4 or len(new) == 30
+
+
+def test_cache_and_recompute_agree_past_the_context():
+    """block 8, prompt 3, 12 new tokens: the caches serve the first steps, then the window slides."""
+    model = tiny(vocab=7, block=8, seed=5)
+    prompt = np.array([[1, 2, 3]])
+    a = beam_search(model, prompt, beam_width=3, max_new_tokens=12, eos_id=6)
+    b = beam_search(model, prompt, beam_width=3, max_new_tokens=12, eos_id=6, use_cache=False)
+    assert [s.tolist() for s in a[0]] == [s.tolist() for s in b[0]]
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-12)
+    # the model method is the same search, and the model's mode is left alone
+    model.train()
+    c = model.beam_search(prompt, beam_width=3, max_new_tokens=12, eos_id=6)
+    assert model.training
+    assert [s.tolist() for s in c[0]] == [s.tolist() for s in a[0]]
+
+
+def test_float32_model_float64_scores():
+    model = tiny(seed=2, dtype="float32")
+    seqs, scores = beam_search(model, [0, 1], beam_width=2, max_new_tokens=3)
+    assert all(isinstance(s, float) for s in scores) and all(s.dtype == np.int64 for s in seqs)
+    assert model.params["transformer.wte.weight"].dtype == np.float32
+
+
+def test_bad_arguments_are_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="one prompt"):
+        beam_search(model, np.zeros((2, 3), dtype=np.int64), 2, 3)
+    with pytest.raises(ValueError, match="one prompt"):
+        beam_search(model, np.zeros(0, dtype=np.int64), 2, 3)
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search(model, [1], 0, 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        beam_search(model, [1], 2, -1)
+    with pytest.raises(ValueError, match="eos_id"):
+        beam_search(model, [1], 2, 3, eos_id=5)
+    with pytest.raises(TypeError):
+        beam_search(model, np.array([1.0]), 2, 3)
+    seqs, scores = beam_search(model, [1, 2], 2, 0)
+    assert [s.tolist() for s in seqs] == [[1, 2]] and scores == [0.0]
