@@ -196,6 +196,8 @@ def test_quantize_errors():
         quantize_int8(np.array([[np.nan, 1.0]], np.float32))
     with pytest.raises(ValueError, match="int8"):
         QuantizedLinear(np.ones((2, 2), np.float32), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="scales"):
+        QuantizedLinear(np.ones((6, 2), np.int8), np.ones((4, 2), np.float32))
 
 
 # --------------------------------------------------------------------------

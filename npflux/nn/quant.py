@@ -114,7 +114,12 @@ class QuantizedLinear(Module):
             raise ValueError(f"QuantizedLinear: weight must be a 2-d int8 array, got {weight_int8.dtype} {weight_int8.shape}")
         self.buffers = {"weight_int8": self.backend.asarray(weight_int8).astype(xp.int8),
                         "weight_scale": self.backend.asarray(weight_scale, dtype=xp.float32)}
-        dequantize_int8(self.buffers["weight_int8"][:1], self.buffers["weight_scale"][:1])  # shapes checked early
+        n_in, n_out = weight_int8.shape
+        scale_shape = tuple(self.buffers["weight_scale"].shape)
+        if not (scale_shape == (n_out,) or (len(scale_shape) == 2 and scale_shape[1] == n_out
+                                            and scale_shape[0] > 0 and n_in % scale_shape[0] == 0)):
+            raise ValueError(f"QuantizedLinear: scales of shape {scale_shape} do not fit a weight of shape {(n_in, n_out)} "
+                             f"(expected ({n_out},) or (groups, {n_out}) with groups dividing {n_in})")
         if bias is not None:
             self.buffers["bias"] = self.backend.asarray(bias, dtype=self.dtype).copy()
 
