@@ -145,7 +145,7 @@ class Engine:
         """(results, characters of the query the model's tokenizer left out)."""
         if self.index is None:
             raise LookupError("no document store: start the server with --docs FILE or --index DIR")
-        _, dropped = self.index.embed_query(query) if self.index.method == "model" else (None, [])
+        dropped = encode_lenient(self.tokenizer, query)[1] if self.index.method == "model" else []
         return self.index.search(query, k), dropped
 
     def fits(self, text):
