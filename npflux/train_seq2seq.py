@@ -20,7 +20,7 @@ from . import optim
 from .backend import get_backend, resolve_dtype
 from .checkpoint import load_checkpoint, save_checkpoint
 from .models.seq2seq import MODEL_TYPE, Seq2SeqConfig, Seq2SeqTransformer
-from .tokenizers.char import CharTokenizer
+from .tokenizers import load_tokenizer
 
 
 @dataclass
@@ -104,7 +104,7 @@ def load_seq2seq(directory, backend=None, dtype=None):
     model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(ckpt.config["model"]), backend=backend,
                                dtype=dtype or ckpt.config.get("dtype", "float32"))
     model.load_state_dict(ckpt.model_state)
-    return model, CharTokenizer.from_dict(ckpt.tokenizer), ckpt
+    return model, load_tokenizer(ckpt.tokenizer), ckpt
 
 
 def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, log=print):

@@ -1,0 +1,95 @@
+"""``npflux seq2seq``: train an encoder-decoder on a generated task, decode with it.
+
+    npflux seq2seq train [--task dates] [--out-dir out-dates] [--max-iters 3000] [--n-embd 64] ...
+    npflux seq2seq decode --checkpoint out-dates/ckpt "3rd of March 1998" "Mar 3, 98" [--beam 4]
+    npflux seq2seq eval --checkpoint out-dates/ckpt [--beam 4]     (exact match on the held-out set)
+"""
+from __future__ import annotations
+
+import json
+
+
+def _task(name, seed):
+    from ..tasks import DateTask
+
+    if name != "dates":
+        raise ValueError(f"unknown task {name!r}; tasks: dates")
+    return DateTask(seed=seed)
+
+
+def _train(args):
+    from ..train_seq2seq import Seq2SeqTrainConfig, model_config_for, train_seq2seq
+
+    task = _task(args.task, args.task_seed)
+    model_config = model_config_for(
+        task, n_embd=args.n_embd, n_head=args.n_head, n_encoder_layer=args.layers, n_decoder_layer=args.layers,
+        positions=args.positions, shared_embeddings=args.shared_embeddings, dropout=args.dropout)
+    cfg = Seq2SeqTrainConfig(out_dir=args.out_dir, batch_size=args.batch_size, max_iters=args.max_iters,
+                             learning_rate=args.learning_rate, warmup_iters=min(args.warmup_iters, args.max_iters),
+                             eval_interval=args.eval_interval, seed=args.seed, dtype=args.dtype,
+                             backend=args.backend, progress=not args.quiet)
+    _, history = train_seq2seq(model_config, cfg, task)
+    print(f"held-out exact match (greedy, {cfg.eval_size} examples): {history[-1]['heldout_exact_match']:.4f}; "
+          f"training {history[-1]['train_seconds']:.0f} s; checkpoint {args.out_dir}/ckpt")
+
+
+def _decode(args):
+    from ..train_seq2seq import load_seq2seq, translate
+
+    model, tokenizer, _ = load_seq2seq(args.checkpoint, backend=args.backend)
+    for source, output in zip(args.sources, translate(model, tokenizer, args.sources, beam_size=args.beam)):
+        print(f"{source}\t{output}")
+
+
+def _eval(args):
+    from ..train_seq2seq import exact_match, load_seq2seq
+
+    model, tokenizer, ckpt = load_seq2seq(args.checkpoint, backend=args.backend)
+    seed = (ckpt.extra or {}).get("task_seed", 0) if args.task_seed is None else args.task_seed
+    pairs = _task(args.task, seed).heldout()
+    accuracy, outputs = exact_match(model, tokenizer, pairs, beam_size=args.beam, progress=True)
+    wrong = [(s, t, o) for (s, t), o in zip(pairs, outputs) if o != t]
+    print(json.dumps({"task": args.task, "task_seed": seed, "examples": len(pairs), "beam_size": args.beam,
+                      "exact_match": accuracy, "errors": [{"source": s, "target": t, "output": o}
+                                                          for s, t, o in wrong[:10]]}, indent=2))
+
+
+def add_parsers(subparsers):
+    s = subparsers.add_parser("seq2seq", help="encoder-decoder transformer on a generated task (train, decode, eval)")
+    sub = s.add_subparsers(dest="seq2seq_command", required=True)
+
+    t = sub.add_parser("train", help="train on a generated task (teacher forcing), greedy exact match while training")
+    t.add_argument("--task", default="dates", choices=["dates"])
+    t.add_argument("--task-seed", type=int, default=0, help="fixes the held-out days and examples")
+    t.add_argument("--out-dir", default="out-dates")
+    t.add_argument("--max-iters", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--learning-rate", type=float, default=2e-3)
+    t.add_argument("--warmup-iters", type=int, default=100)
+    t.add_argument("--eval-interval", type=int, default=500)
+    t.add_argument("--n-embd", type=int, default=64)
+    t.add_argument("--n-head", type=int, default=4)
+    t.add_argument("--layers", type=int, default=2, help="encoder layers = decoder layers")
+    t.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal")
+    t.add_argument("--shared-embeddings", action="store_true")
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--backend")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("decode", help="decode source strings with a checkpoint")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("sources", nargs="+", help="source strings")
+    d.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    d.add_argument("--backend")
+    d.set_defaults(func=_decode)
+
+    e = sub.add_parser("eval", help="exact match on the task's held-out set")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--task", default="dates", choices=["dates"])
+    e.add_argument("--task-seed", type=int, help="default: the seed the checkpoint was trained with")
+    e.add_argument("--beam", type=int, default=1)
+    e.add_argument("--backend")
+    e.set_defaults(func=_eval)
