@@ -13,7 +13,8 @@ Fine-tuning: LoRA rank --rank on --targets of the --finetune-base model,
 trained on the NeuraFlux corpus (characters outside Tiny Shakespeare's
 vocabulary dropped; every 10th line held out), over the float32 base and over
 its int8 per-channel copy (QLoRA-style). Loss on the held-out lines before and
-after, trainable fraction, training time.
+after, trainable fraction, training time; and the median time of one training
+step, full fine-tuning against LoRA and QLoRA, in the same run.
 """
 import _env  # noqa: F401  (threads before numpy)
 
@@ -62,6 +63,35 @@ def quantization_rows(name, ckpt, val_ids, group_sizes, reps):
               f"({row['compression']:.2f}x)  val loss {loss:.5f} -> {qloss:.5f} ({qloss - loss:+.5f})  "
               f"ppl {row['ppl_float32']:.3f} -> {row['ppl_int8']:.3f}  eval time x{row['eval_time_ratio']:.2f}")
     return rows
+
+
+def step_seconds(ckpt, mode, ids, args, reps):
+    """Median seconds of one training step (forward, backward, AdamW) on batch 16 x block_size:
+    ``full`` updates every parameter; ``lora`` / ``qlora`` only the adapters (float / int8 base)."""
+    from npflux import optim
+    from npflux.data import get_batch
+    from npflux.nn.lora import apply_lora, lora_gradients, lora_parameters
+
+    model, _, _ = model_from_checkpoint(ckpt)
+    if mode == "qlora":
+        quantize_model(model)
+    if mode == "full":
+        params, grads = model.params, model.grads
+    else:
+        apply_lora(model, args.targets, rank=args.rank)
+        params, grads = lora_parameters(model), lora_gradients(model)
+    opt = optim.AdamW(params, lr=1e-4)
+    rng = __import__("numpy").random.default_rng(0)
+    times = []
+    for _ in range(reps + 1):  # the first is a warm-up
+        x, y = get_batch(ids, 16, model.config.block_size, rng)
+        t0 = time.perf_counter()
+        model.zero_grad()
+        model.forward(x, y)
+        model.backward()
+        opt.step(grads)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def finetune_rows(name, ckpt, corpus, args):
@@ -114,7 +144,15 @@ def main():
         quant += quantization_rows(name, ckpt, val_ids, args.group_sizes, reps)
     name = args.finetune_base or list(checkpoints)[-1]
     tuned = finetune_rows(name, checkpoints[name], corpus, args)
-    write({"checkpoints": checkpoints, "quantization": quant, "finetune": tuned})
+    _, tok, _ = model_from_checkpoint(checkpoints[name])
+    ids, _, _ = encode_for(tok, corpus, unknown="drop")
+    steps = {mode: step_seconds(checkpoints[name], mode, ids, args, 3 * reps) for mode in ("full", "lora", "qlora")}
+    step_time = {"model": name, **{f"{m}_s": t for m, t in steps.items()},
+                 **{f"{m}_over_full": steps[m] / steps["full"] for m in ("lora", "qlora")}}
+    print(f"{name} training step (median of {3 * reps}): full {steps['full'] * 1e3:.1f} ms, "
+          f"LoRA {steps['lora'] * 1e3:.1f} ms (x{step_time['lora_over_full']:.2f}), "
+          f"QLoRA {steps['qlora'] * 1e3:.1f} ms (x{step_time['qlora_over_full']:.2f})")
+    write({"checkpoints": checkpoints, "quantization": quant, "finetune": tuned, "step_time": step_time})
 
 
 if __name__ == "__main__":
