@@ -5,7 +5,8 @@ modules compose them (``npflux.nn``), models compose modules
 (``npflux.models``). Nothing computes a gradient for us.
 """
 from .backend import get_backend
-from .models import GPT, GPTConfig, load_gpt2_safetensors
+from .models import GPT, GPTConfig, Seq2SeqConfig, Seq2SeqTransformer, load_gpt2_safetensors
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "get_backend", "load_gpt2_safetensors", "__version__"]
+__all__ = ["GPT", "GPTConfig", "Seq2SeqConfig", "Seq2SeqTransformer", "get_backend", "load_gpt2_safetensors",
+           "__version__"]

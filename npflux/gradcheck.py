@@ -448,6 +448,12 @@ def _module_specs():
          lambda nn, r: (nn.MultiHeadAttention(6, 3, cross=True, **f64),
                         {"x": x_in(r, 2, 3, 6), "context": x_in(r, 2, 5, 6)}, {})),
         ("Block", "x(2,4,6) 2 heads", lambda nn, r: (nn.Block(6, 2, **f64), {"x": x_in(r, 2, 4, 6)}, {})),
+        ("TransformerEncoder", "x(2,3,4) 2 heads, padded",
+         lambda nn, r: (nn.TransformerEncoder(4, 2, 1, **f64), {"x": x_in(r, 2, 3, 4)},
+                        {"mask": np.array([[True, True, False], [True, True, True]])})),
+        ("TransformerDecoder", "y(2,3,4) memory(2,2,4), padded",
+         lambda nn, r: (nn.TransformerDecoder(4, 2, 1, **f64), {"y": x_in(r, 2, 3, 4), "memory": x_in(r, 2, 2, 4)},
+                        {"memory_mask": np.array([[True, False], [True, True]])})),
     ]
 
 

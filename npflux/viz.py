@@ -130,13 +130,16 @@ def seq2seq_attention(model, tokenizer, source: str, target: str | None = None, 
         raise ValueError(f"the source has {len(src)} tokens; the model reads 1..{c.src_block_size}")
     src_ids = np.array([src], dtype=np.int64)
     out = model.greedy_decode(src_ids)[0] if target is None else tokenizer.encode(target)
-    if len(out) + 1 > c.tgt_block_size:
-        raise ValueError(f"the output has {len(out)} tokens; the decoder has {c.tgt_block_size} positions "
-                         f"(BOS included)")
+    if len(out) > c.tgt_block_size:
+        raise ValueError(f"the output has {len(out)} tokens; the decoder has {c.tgt_block_size} positions")
+    # BOS + output, and each position predicts the next token; an output that fills every
+    # position ended without EOS (decoding stopped at the limit), so its last token is not fed back
+    inputs = [c.bos_id, *out][: c.tgt_block_size]
+    predicted = _pieces(tokenizer, out) + (["<eos>"] if len(out) < c.tgt_block_size else [])
     was_training = model.training
     model.eval()
     try:
-        model.forward(src_ids, np.array([[c.bos_id, *out]], dtype=np.int64))
+        model.forward(src_ids, np.array([inputs], dtype=np.int64))
         if kind == "cross":
             layers = [layer.cross_attn for layer in model.transformer.decoder.layers.items]
         elif kind == "decoder":
@@ -147,8 +150,7 @@ def seq2seq_attention(model, tokenizer, source: str, target: str | None = None, 
     finally:
         model.train(was_training)
     source_tokens = _pieces(tokenizer, src)
-    predicted = _pieces(tokenizer, out) + ["<eos>"]
-    decoder_inputs = ["<bos>"] + _pieces(tokenizer, out)
+    decoder_inputs = ["<bos>"] + _pieces(tokenizer, inputs[1:])
     queries, keys = {"cross": (predicted, source_tokens), "encoder": (source_tokens, source_tokens),
                      "decoder": (predicted, decoder_inputs)}[kind]
     return {"weights": weights, "queries": queries, "keys": keys, "kind": kind, "output": tokenizer.decode(out)}

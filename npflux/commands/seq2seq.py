@@ -46,8 +46,8 @@ def _eval(args):
 
     model, tokenizer, ckpt = load_seq2seq(args.checkpoint, backend=args.backend)
     seed = (ckpt.extra or {}).get("task_seed", 0) if args.task_seed is None else args.task_seed
-    pairs = _task(args.task, seed).heldout()
-    accuracy, outputs = exact_match(model, tokenizer, pairs, beam_size=args.beam, progress=True)
+    pairs = _task(args.task, seed).heldout()[: args.limit]
+    accuracy, outputs = exact_match(model, tokenizer, pairs, beam_size=args.beam, progress=len(pairs) > 256)
     wrong = [(s, t, o) for (s, t), o in zip(pairs, outputs) if o != t]
     print(json.dumps({"task": args.task, "task_seed": seed, "examples": len(pairs), "beam_size": args.beam,
                       "exact_match": accuracy, "errors": [{"source": s, "target": t, "output": o}
@@ -91,5 +91,6 @@ def add_parsers(subparsers):
     e.add_argument("--task", default="dates", choices=["dates"])
     e.add_argument("--task-seed", type=int, help="default: the seed the checkpoint was trained with")
     e.add_argument("--beam", type=int, default=1)
+    e.add_argument("--limit", type=int, help="only the first N held-out examples")
     e.add_argument("--backend")
     e.set_defaults(func=_eval)

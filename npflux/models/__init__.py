@@ -1,6 +1,7 @@
 """Models compose modules: GPT (decoder-only)."""
 from .gpt import GPT, PRESETS, GPTConfig, load_gpt2_safetensors, normalize_gpt2_state_dict
 from .sae import SAEConfig, SparseAutoencoder
+from .seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "load_gpt2_safetensors", "normalize_gpt2_state_dict",
-           "SAEConfig", "SparseAutoencoder"]
+           "SAEConfig", "SparseAutoencoder", "Seq2SeqConfig", "Seq2SeqTransformer"]

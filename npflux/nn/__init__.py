@@ -1,6 +1,7 @@
 """Modules: own parameters and gradients, compose the ops, backward in reverse order."""
 from .attention import KVCache, MultiHeadAttention, merge_heads, split_heads
 from .block import Block
+from .encoder_decoder import EncoderDecoder, TransformerDecoder, TransformerEncoder
 from .layers import (
     Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEmbedding, SinusoidalPositionalEncoding,
 )
@@ -9,6 +10,7 @@ from .module import Module
 from .quant import FrozenLinear, QuantizedLinear, dequantize_int8, quantize_int8, quantize_linears
 
 __all__ = [
+    "EncoderDecoder", "TransformerDecoder", "TransformerEncoder",
     "Block", "Dropout", "Embedding", "FeedForward", "FrozenLinear", "KVCache", "LayerNorm", "Linear", "LoRALinear",
     "Module", "QuantizedLinear", "apply_lora", "dequantize_int8", "lora_parameters", "merge_lora", "quantize_int8",
     "quantize_linears", "unmerge_lora",
