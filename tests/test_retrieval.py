@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,21 @@ def test_labelled_questions_point_at_lines_of_the_corpus(shared_data_dir):
     index = DocumentIndex.from_file(corpus, "tfidf", split="line")
     found = sum(r["line"] in [h.line for h in index.search(r["question"], 5)] for r in qa)
     assert found / len(qa) >= 0.95
+
+
+def test_serve_without_fastapi_says_what_to_install(monkeypatch, tmp_path, capsys):
+    """npflux, its retrieval and the serving engine import without FastAPI; `npflux serve` explains."""
+    from npflux.checkpoint import save_checkpoint
+    from npflux.cli import main
+    from npflux.serve import Engine, create_app
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)   # import fastapi -> ImportError
+    tok = CharTokenizer(DOCS)
+    model = tiny_model(tok)
+    assert Engine(model, tok).generate("The cat", max_new_tokens=3, seed=1)["tokens"] == 3
+    with pytest.raises(ImportError, match=r'pip install "npflux\[serve\]"'):
+        create_app(Engine(model, tok))
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"model": model.config.to_dict()}, tokenizer=tok.to_dict())
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--checkpoint", str(tmp_path / "ckpt")])
+    assert 'pip install "npflux[serve]"' in str(info.value.code)

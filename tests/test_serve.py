@@ -277,6 +277,15 @@ def test_search_without_documents_is_404():
     assert status == 404 and "--docs" in out["error"]
 
 
+def test_model_embedded_index_over_http_reports_characters_it_left_out():
+    model, tok = tiny_model(seed=4)
+    index = DocumentIndex.build(split_passages(DOCS), "model", model=model, tokenizer=tok)
+    with serve_in_thread(create_app(Engine(model, tok, index))) as url:
+        status, out = Client(url).json("/v1/search", {"query": "Paris is the capital of France.!", "k": 2})
+    assert status == 200 and out["method"] == "model" and out["dropped_characters"] == ["!"]
+    assert out["results"][0]["line"] == 3 and out["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_concurrent_clients_get_their_own_results(server):
     client, engine, model, _ = server
     requests = [{"prompt": p, "max_new_tokens": 30, "temperature": 1.0, "seed": s}
