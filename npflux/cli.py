@@ -16,7 +16,7 @@ import sys
 
 
 def _train(args):
-    from .data import download_tinyshakespeare, find_corpus, load_text, prepare_char_dataset
+    from .data import download_tinyshakespeare, find_corpus, load_text, prepare_dataset
     from .models import GPTConfig
     from .train import TRAIN_PRESETS, TrainConfig, train
 
@@ -31,29 +31,66 @@ def _train(args):
         print("downloading Tiny Shakespeare (1.1 MB, SHA-256 checked) ...")
         path = download_tinyshakespeare()
     text = load_text(path)
-    tokenizer, train_ids, val_ids = prepare_char_dataset(text, val_fraction=args.val_fraction)
+    tokenizer, doc_sep = _train_tokenizer(args)
+    tokenizer, train_ids, val_ids = prepare_dataset(text, tokenizer, val_fraction=args.val_fraction,
+                                                    vocab_size=args.vocab_size, doc_sep=doc_sep)
     model_config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = dict(TRAIN_PRESETS.get(args.preset, {}))
     settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     settings["progress"] = not args.quiet
+    settings["doc_sep"] = doc_sep
     cfg = TrainConfig(**settings)
     print(f"data: {path} ({len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
           f"{len(train_ids):,} train / {len(val_ids):,} val tokens)")
+    if doc_sep:
+        print(f"tokenizer: {tokenizer!r}, documents split at {doc_sep!r} and packed as [BOS] doc [EOS]")
     model, state = train(model_config, cfg, train_ids, val_ids, tokenizer=tokenizer, resume=args.resume)
     print(f"checkpoint: {cfg.out_dir}/ckpt   log: {cfg.out_dir}/log.jsonl   plot: {cfg.out_dir}/loss.png")
     if args.sample_tokens:
-        prompt = "\n" if "\n" in text else text[0]  # the prompt must be in the text's vocabulary
+        prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n" if "\n" in text else text[0]
         _print_sample(model, tokenizer, prompt, args.sample_tokens, temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
 
 
-def _print_sample(model, tokenizer, prompt, n, **kw):
-    from .backend import to_numpy
+def _train_tokenizer(args):
+    """(tokenizer or its kind, document separator) for a training run.
 
-    ids = model.backend.asarray([tokenizer.encode(prompt)])
-    out = to_numpy(model.generate(ids, n, **kw))[0]
-    print(tokenizer.decode(out.tolist()))
+    A resumed run reuses its checkpoint's tokenizer (retraining BPE could
+    number the tokens differently); a new one trains the kind asked for, by
+    default the preset's (BPE for neuraflux, else char). BPE documents are
+    split at blank lines unless --doc-sep says otherwise ('' for none).
+    """
+    from .train import PRESET_TOKENIZERS
+
+    kind = args.tokenizer or PRESET_TOKENIZERS.get(args.preset, "char")
+    doc_sep = None if args.doc_sep is None else args.doc_sep.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    ckpt_dir = os.path.join(args.out_dir or "out", "ckpt")
+    if args.resume and os.path.isfile(os.path.join(ckpt_dir, "meta.json")):
+        from .checkpoint import load_checkpoint
+        from .tokenizers import load_tokenizer
+
+        ckpt = load_checkpoint(ckpt_dir)
+        if ckpt.tokenizer:
+            saved_sep = ckpt.config.get("train", {}).get("doc_sep")
+            if args.doc_sep is not None and doc_sep != saved_sep:
+                raise ValueError(f"--resume: the checkpoint split documents at {saved_sep!r}, not {doc_sep!r}")
+            return load_tokenizer(ckpt.tokenizer), saved_sep
+    if kind == "bpe" and doc_sep is None:
+        doc_sep = "\n\n"
+    return kind, doc_sep or None
+
+
+def _print_sample(model, tokenizer, prompt, n, stop_at_eos=True, **kw):
+    from .backend import to_numpy
+    from .tokenizers import decode_text, encode_prompt
+
+    ids = encode_prompt(tokenizer, prompt)
+    out = to_numpy(model.generate(model.backend.asarray([ids]), n, **kw))[0].tolist()
+    eos = getattr(tokenizer, "eos_id", None)
+    if stop_at_eos and eos in out[len(ids):]:
+        out = out[: out.index(eos, len(ids))]  # sampling runs on; the document ended here
+    print(decode_text(tokenizer, out))
 
 
 def _load(args):
@@ -67,18 +104,42 @@ def _load(args):
 
 def _sample(args):
     model, tokenizer = _load(args)
+    if args.prompt is None:  # a BPE model starts a document from [BOS] alone; a char model needs a character
+        args.prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n"
+    if args.beam:
+        return _print_beams(model, tokenizer, args)
     for _ in range(args.num_samples):
-        _print_sample(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        _print_sample(model, tokenizer, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         args.seed = None if args.seed is None else args.seed + 1
+
+
+def _print_beams(model, tokenizer, args):
+    """The best --num-samples beams, best first; each beam's score goes to stderr."""
+    from .tokenizers import decode_text, encode_prompt
+
+    if args.num_samples > args.beam:
+        raise ValueError(f"--num-samples {args.num_samples} is more than the --beam {args.beam} beams kept")
+    eos = None if args.ignore_eos else getattr(tokenizer, "eos_id", None)
+    seqs, scores = model.beam_search(encode_prompt(tokenizer, args.prompt), beam_width=args.beam,
+                                     max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+                                     eos_id=eos)
+    for rank, (seq, score) in enumerate(zip(seqs[: args.num_samples], scores)):
+        print(f"[beam {rank + 1}: score {score:.4f}, {len(seq)} tokens]", file=sys.stderr)
+        print(decode_text(tokenizer, seq.tolist()))
 
 
 def _eval(args):
     from .data import load_text
-    from .train import evaluate_text
+    from .train import evaluate_text, model_from_checkpoint
 
-    model, tokenizer = _load(args)
-    result = evaluate_text(model, tokenizer, load_text(args.text))
+    model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
+    if tokenizer is None:
+        sys.exit(f"{args.checkpoint} has no tokenizer; cannot encode text")
+    # split documents as training did, so [EOS] predictions are scored where they were learned
+    doc_sep = ckpt.config.get("train", {}).get("doc_sep") if args.doc_sep is None else \
+        (args.doc_sep.encode("latin-1", "backslashreplace").decode("unicode_escape") or None)
+    result = evaluate_text(model, tokenizer, load_text(args.text), doc_sep=doc_sep)
     print(json.dumps(result, indent=2))
 
 
@@ -112,6 +173,11 @@ def build_parser():
     t.add_argument("--out-dir", dest="out_dir")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt exactly where it stopped")
     t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--tokenizer", choices=["char", "bpe"],
+                   help="char, or byte-level BPE trained on the training split (default: the preset's; neuraflux: bpe)")
+    t.add_argument("--vocab-size", type=int, default=10_000, help="BPE vocabulary size (default 10000)")
+    t.add_argument("--doc-sep", help="BPE: split the corpus into [BOS] doc [EOS] documents here "
+                                     "(escapes allowed; default '\\n\\n', blank lines; '' for one document)")
     for name, typ in [("batch_size", int), ("block_size", int), ("max_iters", int), ("eval_interval", int),
                       ("eval_iters", int), ("learning_rate", float), ("lr_schedule", str), ("warmup_iters", int),
                       ("min_lr", float), ("weight_decay", float), ("beta1", float), ("beta2", float),
@@ -129,19 +195,24 @@ def build_parser():
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--prompt", default="\n")
+    s.add_argument("--prompt", help="text to continue (default: a new document for BPE models, '\\n' for char)")
     s.add_argument("--max-new-tokens", type=int, default=500)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int)
-    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--num-samples", type=int, default=1, help="samples to draw (with --beam: best beams to show)")
+    s.add_argument("--beam", type=int, metavar="WIDTH", help="beam search of this width instead of sampling")
+    s.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-prob / length**PENALTY (default 1: mean log-prob per token)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past [EOS] (BPE models)")
     s.add_argument("--backend")
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", help="loss, perplexity and bits per character of a checkpoint on a text file")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--text", required=True)
+    e.add_argument("--doc-sep", help="split documents here (default: as the checkpoint was trained; '' for none)")
     e.add_argument("--backend")
     e.set_defaults(func=_eval)
 

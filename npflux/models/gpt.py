@@ -75,6 +75,10 @@ PRESETS = {
     "shakespeare-s2": dict(_CHAR, block_size=32, n_layer=6, n_head=6, n_embd=192, dropout=0.0, init="torch"),
     "shakespeare-n": dict(_CHAR, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, scaled_proj_init=True),
+    # NeuraFlux: 6 layers, 6 heads, a 10,000-token byte-level BPE vocabulary (npflux.tokenizers.BPETokenizer),
+    # GPT-2 blocks with learned positions and a tied head. Its "1.45 million parameters" fit a width of 90
+    # (1,501,920 at block 128); the width of 384 its README also names would give 14.5 million.
+    "neuraflux": dict(vocab_size=10_000, block_size=128, n_layer=6, n_head=6, n_embd=90, dropout=0.1),
 }
 
 
@@ -207,6 +211,13 @@ class GPT(Module):
 
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, use_cache=use_cache)
+
+    def beam_search(self, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0, eos_id=None, use_cache=True):
+        """(sequences, scores) of the best ``beam_width`` continuations of one prompt (see npflux.generate)."""
+        from ..generate import beam_search
+
+        return beam_search(self, idx, beam_width=beam_width, max_new_tokens=max_new_tokens,
+                           length_penalty=length_penalty, eos_id=eos_id, use_cache=use_cache)
 
     # -- loading -------------------------------------------------------------------------
     def load_state_dict(self, state, strict=True):
