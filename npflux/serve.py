@@ -35,6 +35,7 @@ import numpy as np
 
 from .generate import generate_stream
 from .retrieval import RAG_TEMPLATE, build_rag_prompt, encode_lenient
+from .tokenizers import decode_text, encode_prompt
 
 SERVE_MISSING = ('npflux serve needs FastAPI and uvicorn, which are not installed: '
                  'pip install "npflux[serve]"')
@@ -65,7 +66,8 @@ class GenerationStream:
     """Text pieces as the tokens are sampled; ``text``, ``finish_reason`` ("length" or
     "stop") and ``tokens`` (how many were sampled) are complete once it is exhausted.
 
-    A stop string ends the text before it; pieces that could be the start of a stop
+    A stop string, or the tokenizer's ``[EOS]`` (a BPE model's end of document),
+    ends the text before it; special tokens are not shown. Pieces that could be the start of a stop
     string are held back until they are known not to be, and a trailing U+FFFD (an
     incomplete UTF-8 character of a byte-level tokenizer) until the next token.
     """
@@ -73,13 +75,19 @@ class GenerationStream:
     def __init__(self, token_iter, tokenizer, stop=(), seed=None):
         self._tokens, self.tokenizer, self.stop = token_iter, tokenizer, [s for s in stop if s]
         self.seed, self.text, self.finish_reason, self.tokens = seed, "", None, 0
+        self.eos_id = getattr(tokenizer, "eos_id", None)
 
     def __iter__(self):
         ids, emitted = [], 0
         for tok in self._tokens:
+            self.tokens += 1
+            if int(tok[0]) == self.eos_id:
+                self.finish_reason = "stop"
+                if len(self.text) > emitted:
+                    yield self.text[emitted:]
+                return
             ids.append(int(tok[0]))
-            self.tokens = len(ids)
-            text = self.tokenizer.decode(ids)
+            text = decode_text(self.tokenizer, ids)
             cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish_reason = text[:cut], "stop"
@@ -95,7 +103,7 @@ class GenerationStream:
                 yield text[emitted:safe]
                 emitted = safe
             self.text = text
-        self.text, self.finish_reason = self.tokenizer.decode(ids) if ids else "", "length"
+        self.text, self.finish_reason = decode_text(self.tokenizer, ids) if ids else "", "length"
         if len(self.text) > emitted:
             yield self.text[emitted:]
 
@@ -117,14 +125,12 @@ class Engine:
             index.bind_model(model, tokenizer, lock=self.lock)
 
     def encode(self, prompt):
-        """Token ids of a prompt; BadRequest names the characters the tokenizer does not know."""
+        """Token ids of a prompt ([BOS] first where the tokenizer has one); BadRequest names
+        the characters the tokenizer does not know."""
         try:
-            ids = self.tokenizer.encode(prompt)
+            return encode_prompt(self.tokenizer, prompt)
         except ValueError as exc:
             raise BadRequest(f"prompt: {exc}") from None
-        if not ids:
-            raise BadRequest("prompt: encodes to no tokens")
-        return ids
 
     def stream(self, prompt=None, ids=None, max_new_tokens=64, temperature=0.8, top_k=None, top_p=None,
                seed=None, stop=()):
@@ -158,6 +164,8 @@ class Engine:
         results, _ = self.search(question, k)
         prompt, used = build_rag_prompt(question, results, self.template, self.fits)
         ids, dropped = encode_lenient(self.tokenizer, prompt)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        ids = ids if bos is None else [bos] + ids
         if not ids:
             raise BadRequest("question: no character of the prompt is in the model's vocabulary")
         s = self.stream(ids=ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -112,6 +112,21 @@ def test_stop_strings_end_the_text_and_pieces_add_up(text, stop, expected, reaso
         assert all(s not in "".join(pieces[:i + 1]) for i in range(len(pieces)))
 
 
+def test_bpe_streams_stop_at_eos_and_prompts_start_with_bos():
+    from npflux.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train([DOCS] * 3, vocab_size=300)
+    ids = tok.encode("Paris is the capital") + [tok.eos_id] + tok.encode(" of France")
+    stream = GenerationStream(iter([np.array([i]) for i in ids]), tok)
+    assert "".join(stream) == stream.text == "Paris is the capital"
+    assert stream.finish_reason == "stop" and "[EOS]" not in stream.text
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    engine = Engine(GPT(cfg, seed=0), tok)
+    assert engine.encode("Paris") == [tok.bos_id] + tok.encode("Paris")
+    out = engine.generate("Paris", max_new_tokens=12, temperature=1.0, seed=3)
+    assert out["tokens"] <= 12 and "[BOS]" not in out["text"] and "[EOS]" not in out["text"]
+
+
 # -- the HTTP server ----------------------------------------------------------------------
 
 
