@@ -67,9 +67,10 @@ class GenerationStream:
     "stop") and ``tokens`` (how many were sampled) are complete once it is exhausted.
 
     A stop string, or the tokenizer's ``[EOS]`` (a BPE model's end of document),
-    ends the text before it; special tokens are not shown. Pieces that could be the start of a stop
-    string are held back until they are known not to be, and a trailing U+FFFD (an
-    incomplete UTF-8 character of a byte-level tokenizer) until the next token.
+    ends the text before it; special tokens are not shown. Pieces that could be the
+    start of a stop string are held back until they are known not to be, and a
+    trailing U+FFFD (an incomplete UTF-8 character of a byte-level tokenizer) until
+    the next token.
     """
 
     def __init__(self, token_iter, tokenizer, stop=(), seed=None):
@@ -155,8 +156,9 @@ class Engine:
         return self.index.search(query, k), dropped
 
     def fits(self, text):
-        """Whether text encodes to at most block_size tokens (the model sees all of it)."""
-        return len(encode_lenient(self.tokenizer, text)[0]) <= self.model.config.block_size
+        """Whether text ([BOS] included) encodes to at most block_size tokens (the model sees all of it)."""
+        bos = getattr(self.tokenizer, "bos_id", None) is not None
+        return bos + len(encode_lenient(self.tokenizer, text)[0]) <= self.model.config.block_size
 
     def ask(self, question, k=3, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None, seed=None,
             stop=("\n",)):
