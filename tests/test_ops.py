@@ -947,3 +947,17 @@ def test_ops_run_on_backend(backend_name, name):
     assert rel_error(to_numpy(out_d), out_h) < 1e-12
     for gd, gh in zip(grads_d, grads_h):
         assert rel_error(to_numpy(gd), gh) < 1e-12
+
+
+def test_softmax_backward_float32_near_one_hot(torch):
+    # One weight of 0.995: the plain y * (dy - sum(dy * y)) lost digits here (2.5e-5 relative
+    # error against float64 torch); the backward centres dy on the dominant entry instead.
+    x = (3 * np.random.default_rng(3578).standard_normal(8)).astype(np.float32)
+    dy = np.random.default_rng(3579).standard_normal(8).astype(np.float32)
+    y, cache = ops.softmax_forward(x)
+    assert y.max() > 0.99
+    dx = ops.softmax_backward(dy, cache)
+    assert dx.dtype == np.float32
+    t = torch.tensor(x.astype(np.float64), requires_grad=True)
+    torch.softmax(t, -1).backward(torch.tensor(dy.astype(np.float64)))
+    assert rel_error(dx, t.grad.numpy()) < 1e-6
