@@ -234,6 +234,35 @@ def test_stream_arrives_while_generation_runs(server):
     assert "event: done" in rest and len(steps_after_first) > 0
 
 
+def test_a_client_that_hangs_up_stops_its_generation():
+    import http.client
+    import time
+
+    model, tok = tiny_model()
+    forwards, original = [0], model.forward
+
+    def slow_forward(*a, **kw):
+        forwards[0] += 1
+        time.sleep(0.01)  # 1000 tokens would take 10 s or more
+        return original(*a, **kw)
+
+    model.forward = slow_forward
+    with serve_in_thread(create_app(Engine(model, tok), Limits(max_new_tokens=1000))) as url:
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        conn.request("POST", "/v1/generate/stream", json.dumps({"prompt": "The", "max_new_tokens": 1000}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.readline() == b"event: token\n"
+        response.close()
+        conn.close()  # the socket closes: the client is gone
+        deadline, last = time.monotonic() + 5, -1
+        while forwards[0] != last and time.monotonic() < deadline:  # until no forward for 0.2 s
+            last = forwards[0]
+            time.sleep(0.2)
+        assert forwards[0] == last < 200
+        assert Client(url).json("/health")[0] == 200
+
+
 def test_search_and_ask(server):
     client, *_ = server
     status, out = client.json("/v1/search", {"query": "What is the capital of France?", "k": 3})
