@@ -21,8 +21,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import ops
 from ..backend import check_int, get_backend, to_numpy
 from ..nn import Dropout, Embedding, KVCache, Module, PositionalEmbedding, SinusoidalPositionalEncoding
@@ -284,18 +282,18 @@ class Seq2SeqTransformer(Module):
             memory = memory[rows]
             src_mask = None if src_mask is None else src_mask[rows]
             caches = self.new_kv_caches(B * K)
-            tokens = xp.full(B * K, c.bos_id, dtype=np.int64)
-            history = xp.zeros((B * K, 0), dtype=np.int64)
+            tokens = xp.full(B * K, c.bos_id, dtype="int64")
+            history = xp.zeros((B * K, 0), dtype="int64")
             # only the first copy of each source is live at the start, so the beams do not repeat it
-            scores = xp.zeros((B, K), dtype=np.float64)
-            scores[:, 1:] = -np.inf
+            scores = xp.zeros((B, K), dtype="float64")
+            scores[:, 1:] = -xp.inf
             finished = xp.zeros(B * K, dtype=bool)
-            lengths = xp.zeros(B * K, dtype=np.int64)
+            lengths = xp.zeros(B * K, dtype="int64")
             for _ in range(max_len):
-                logp = self._step(tokens, memory, src_mask, caches).astype(np.float64)
+                logp = self._step(tokens, memory, src_mask, caches).astype("float64")
                 # padding and BOS are never outputs; a finished hypothesis continues with padding at no cost
-                logp[:, [c.pad_id, c.bos_id]] = -np.inf
-                logp[finished] = -np.inf
+                logp[:, [c.pad_id, c.bos_id]] = -xp.inf
+                logp[finished] = -xp.inf
                 logp[finished, c.pad_id] = 0.0
                 V = logp.shape[-1]
                 total = (scores.reshape(-1, 1) + logp).reshape(B, K * V)
