@@ -431,6 +431,14 @@ def _module_specs():
     f64 = dict(dtype="float64")
     return [
         ("Linear", "x(2,3,4) -> 5", lambda nn, r: (nn.Linear(4, 5, **f64), {"x": x_in(r, 2, 3, 4)}, {})),
+        ("QuantizedLinear", "x(2,3,4) -> 5, int8 groups of 2",
+         lambda nn, r: (nn.QuantizedLinear.from_linear(nn.Linear(4, 5, **f64), 2), {"x": x_in(r, 2, 3, 4)}, {})),
+        ("LoRALinear float base", "x(2,3,4) -> 5, rank 2",
+         lambda nn, r: (nn.LoRALinear(nn.FrozenLinear.from_linear(nn.Linear(4, 5, **f64)), 2, alpha=3),
+                        {"x": x_in(r, 2, 3, 4)}, {})),
+        ("LoRALinear int8 base", "x(2,3,4) -> 5, rank 2",
+         lambda nn, r: (nn.LoRALinear(nn.QuantizedLinear.from_linear(nn.Linear(4, 5, **f64)), 2, alpha=3),
+                        {"x": x_in(r, 2, 3, 4)}, {})),
         ("Embedding", "ids(2,4), V=7 C=3",
          lambda nn, r: (nn.Embedding(7, 3, **f64), {"ids": np.array([[1, 1, 6, 0], [3, 1, 6, 6]])}, {})),
         ("PositionalEmbedding", "x(2,3,4) max_len 5",
