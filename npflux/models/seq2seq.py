@@ -293,11 +293,11 @@ class Seq2SeqTransformer(Module):
                 logp = self._step(tokens, memory, src_mask, caches).astype("float64")
                 # padding and BOS are never outputs; a finished hypothesis continues with padding at no cost
                 logp[:, [c.pad_id, c.bos_id]] = -xp.inf
-                logp[finished] = -xp.inf
-                logp[finished, c.pad_id] = 0.0
+                logp = xp.where(finished[:, None], -xp.inf, logp)
+                logp[:, c.pad_id] = xp.where(finished, 0.0, logp[:, c.pad_id])
                 V = logp.shape[-1]
                 total = (scores.reshape(-1, 1) + logp).reshape(B, K * V)
-                best = xp.argsort(-total, axis=-1, kind="stable")[:, :K]
+                best = xp.argsort(-total, axis=-1)[:, :K]
                 scores = xp.take_along_axis(total, best, axis=-1)
                 parent = (xp.arange(B)[:, None] * K + best // V).reshape(-1)
                 tokens = (best % V).reshape(-1)
