@@ -118,8 +118,9 @@ def _with_adapter(ckpt, directory, backend=None, dtype=None, base_checkpoint=Non
     adapter = ckpt.config["adapter"]
     base_dir = Path(base_checkpoint or adapter["base_checkpoint"])
     if not (base_dir / "model.safetensors").is_file():
-        raise CheckpointError(f"adapter {directory}: its base checkpoint {base_dir} is not there "
-                              f"(moved? pass the base's new path)")
+        raise CheckpointError(f"adapter {directory}: its base checkpoint {base_dir} is not there (moved? "
+                              f"npflux.finetune.load_adapter({str(directory)!r}, base_checkpoint=NEW_PATH) loads it "
+                              f"from its new place; the SHA-256 is still checked)")
     actual = sha256_file(base_dir / "model.safetensors")
     if actual != adapter["base_sha256"]:
         raise CheckpointError(f"adapter {directory} was trained on a base whose model.safetensors has SHA-256 "
@@ -132,6 +133,14 @@ def _with_adapter(ckpt, directory, backend=None, dtype=None, base_checkpoint=Non
                               f"the adapters its config describes {sorted(params)[:4]} ...")
     model.load_state_dict(ckpt.model_state, strict=False)
     return model, tokenizer
+
+
+def load_adapter(directory, base_checkpoint=None, backend=None, dtype=None):
+    """(model, tokenizer): the base checkpoint with the adapter of ``directory`` applied.
+
+    ``base_checkpoint`` overrides the base's recorded path (its SHA-256 must still match).
+    """
+    return _with_adapter(load_checkpoint(directory), directory, backend, dtype, base_checkpoint)
 
 
 def special_from_checkpoint(ckpt, directory, backend=None, dtype=None):

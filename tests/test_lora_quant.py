@@ -322,17 +322,20 @@ def test_apply_lora_errors():
 TEXT = "the cat sat on the mat. the dog sat on the log.\n" * 40
 
 
-def make_base(tmp_path, n_embd=16):
+def make_base(tmp_path, n_embd=16, **config):
     tok = CharTokenizer(TEXT)
-    cfg = tiny_config(vocab_size=tok.vocab_size, n_embd=n_embd, block_size=16)
+    cfg = tiny_config(vocab_size=tok.vocab_size, n_embd=n_embd, block_size=16, **config)
     model = GPT(cfg, seed=0)
     save_checkpoint(tmp_path / "base", model.state_dict(), {"model": cfg.to_dict(), "train": {"dtype": "float32"}},
                     tokenizer=tok)
     return tmp_path / "base", tok
 
 
-def test_quantized_checkpoint_round_trip_and_size(tmp_path):
-    base_dir, tok = make_base(tmp_path)
+@pytest.mark.parametrize("gpt2_style", [False, True])
+def test_quantized_checkpoint_round_trip_and_size(tmp_path, gpt2_style):
+    """The char models' layout, and GPT-2's (GELU, all biases, lm_head tied to wte: the embedding stays float)."""
+    extra = dict(activation="gelu", qkv_bias=True, tie_weights=True, lm_head_bias=False) if gpt2_style else {}
+    base_dir, tok = make_base(tmp_path, **extra)
     model, _, ckpt = model_from_checkpoint(base_dir)
     idx = np.asarray([tok.encode("the cat sat on t")])
     float_logits = model.forward(idx)[0]
@@ -378,6 +381,16 @@ def test_finetune_lowers_loss_and_adapter_round_trip(tmp_path):
     idx = ids[None, :16]
     np.testing.assert_array_equal(loaded.forward(idx)[0], model.forward(idx)[0])
     assert windows_loss(loaded, ids[1500:]) == pytest.approx(summary["val_loss_after"], abs=1e-6)
+
+    # a moved base: a clear error, and load_adapter takes its new place
+    from npflux.finetune import load_adapter
+
+    moved = base_dir.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match="not there"):
+        model_from_checkpoint(tmp_path / "adapter")
+    again, _ = load_adapter(tmp_path / "adapter", base_checkpoint=moved)
+    np.testing.assert_array_equal(again.forward(idx)[0], model.forward(idx)[0])
+    moved.rename(base_dir)
 
     # a changed base is refused, not silently combined
     other = GPT(GPTConfig.from_dict(json.loads((base_dir / "meta.json").read_text())["config"]["model"]), seed=5)
