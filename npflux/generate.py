@@ -7,7 +7,9 @@ shift, the cache no longer applies, and the window is recomputed, exactly as
 the uncached path crops to the last block_size tokens, so both give the same
 tokens.
 """
-from .backend import check_int, get_array_module
+import numpy as np  # host-side bookkeeping of beam search: scores and token lists
+
+from .backend import check_int, get_array_module, to_numpy
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -149,10 +151,6 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
 def _host_log_softmax(logits):
     """log softmax of (B, V) logits, in float64 on the host (beam scores add up many of them)."""
-    import numpy as np
-
-    from .backend import to_numpy
-
     x = to_numpy(logits).astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -167,8 +165,6 @@ def _reorder_caches(caches, parents):
 
 def _next_logits(model, prompt, tokens, caches, use_cache):
     """Next-token logits (n, V) of each beam prompt + tokens[i]; feeds the caches where they still apply."""
-    import numpy as np
-
     block = model.config.block_size
     n = tokens.shape[0]
     seqs = np.concatenate([np.repeat(prompt[None], n, axis=0), tokens], axis=1)
@@ -204,10 +200,6 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
     greedy decoding. With ``use_cache`` each step runs one token per beam
     against key/value caches reordered to follow the surviving beams.
     """
-    import numpy as np
-
-    from .backend import to_numpy
-
     prompt = np.asarray(to_numpy(idx) if hasattr(idx, "shape") else idx)
     check_int(prompt, "beam_search: idx")
     prompt = prompt.astype(np.int64)
@@ -279,10 +271,6 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
 
 def sequence_logprob(model, idx, continuation):
     """log p(continuation | idx), summed over its tokens (float64), each token seen with at most block_size before it."""
-    import numpy as np
-
-    from .backend import to_numpy
-
     prompt = np.asarray(to_numpy(idx)).reshape(-1).astype(np.int64)
     cont = np.asarray(to_numpy(continuation)).reshape(-1).astype(np.int64)
     seq = np.concatenate([prompt, cont])

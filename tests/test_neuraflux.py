@@ -214,12 +214,17 @@ def test_resume_keeps_the_tokenizer(trained, tmp_path):
               "--doc-sep", "\\n\\n", *more])
 
 
-def test_char_training_is_unchanged(tmp_path):
+def test_char_training_is_unchanged_and_beams_too(tmp_path, capsys):
     data = tmp_path / "c.txt"
     data.write_text(TEXT, encoding="utf-8")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         main(["train", "--data", str(data), "--out-dir", str(tmp_path / "o"), *TINY])
-    _, tok, c = model_from_checkpoint(tmp_path / "o" / "ckpt")
+    model, tok, c = model_from_checkpoint(tmp_path / "o" / "ckpt")
     assert isinstance(tok, CharTokenizer) and c.config["train"]["doc_sep"] is None
     assert "documents split" not in buf.getvalue()
+    # beam search on a char model: no [EOS], so every beam runs the full length
+    out = run(["sample", "--checkpoint", str(tmp_path / "o" / "ckpt"), "--prompt", "the", "--beam", "2",
+               "--max-new-tokens", "7"], capsys).out
+    seqs, _ = model.beam_search(tok.encode("the"), 2, 7)
+    assert out == tok.decode(seqs[0]) + "\n" and len(seqs[0]) == 10
