@@ -51,7 +51,7 @@ def rel(a, b):
     return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-300))
 
 
-def lora_layer(i, o, rank, bias, quantized, seed, dtype="float64", group_size=None):
+def lora_layer(i, o, rank, bias, quantized, seed, dtype="float64", group_size=None, blocks=None):
     """A LoRALinear with random base, A and a NONZERO B (a fresh B = 0 would hide a wrong dA)."""
     rng = np.random.default_rng(seed)
     lin = Linear(i, o, bias=bias, rng=rng, dtype=dtype)
@@ -59,8 +59,10 @@ def lora_layer(i, o, rank, bias, quantized, seed, dtype="float64", group_size=No
     if bias:
         lin.p["bias"][...] = 0.3 * rng.standard_normal(o)
     base = QuantizedLinear.from_linear(lin, group_size) if quantized else FrozenLinear.from_linear(lin)
-    m = LoRALinear(base, rank, alpha=2.0 * rank + 1, rng=rng)
-    m.p["lora_B"][...] = rng.standard_normal((rank, o))
+    m = LoRALinear(base, rank, alpha=2.0 * rank + 1, rng=rng, blocks=blocks)
+    for name, p in m.params.items():
+        if name.startswith("lora_B"):
+            p[...] = rng.standard_normal(p.shape)
     return m
 
 
@@ -88,6 +90,19 @@ def test_gradcheck_lora_linear(B, T, i, o, rank, bias, quantized, seed):
     errors = check_module(m, {"x": x}, seed=seed)
     assert set(errors) == {"x", "lora_A", "lora_B"}
     assert max(errors.values()) <= GRAD_TOL, errors
+
+
+@GRAD_SETTINGS
+@given(B=st.integers(1, 3), T=st.sampled_from([1, 3]), i=st.integers(1, 5), w=st.integers(1, 3),
+       parts=st.sampled_from([("q",), ("v",), ("q", "v"), ("q", "k", "v")]), quantized=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_gradcheck_lora_on_column_blocks(B, T, i, w, parts, quantized, seed):
+    """Separate adapters on some thirds of a fused (in, 3w) projection: x and every block's A and B."""
+    blocks = {p: ("qkv".index(p) * w, ("qkv".index(p) + 1) * w) for p in parts}
+    m = lora_layer(i, 3 * w, 1, True, quantized, seed, blocks=blocks)
+    assert set(m.params) == {f"lora_{ab}_{p}" for p in parts for ab in "AB"}
+    errors = check_module(m, {"x": np.random.default_rng(seed + 1).standard_normal((B, T, i))}, seed=seed)
+    assert set(errors) == {"x", *m.params} and max(errors.values()) <= GRAD_TOL, errors
 
 
 @GRAD_SETTINGS
@@ -135,6 +150,32 @@ def test_lora_vs_torch(dtype, tol, quantized):
     errs = {"y": rel(y, y_ref.detach().numpy()), "dx": rel(dx, x.grad.numpy()),
             "dA": rel(m.g["lora_A"], A.grad.numpy().T), "dB": rel(m.g["lora_B"], B.grad.numpy().T)}
     assert max(errs.values()) <= tol, errs
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_qv_lora_on_fused_projection_vs_torch(dtype, tol):
+    """peft-style separate q and v adapters on a fused q/k/v projection, against torch."""
+    C = 6
+    m = lora_layer(C, 3 * C, 2, True, False, seed=7, dtype=dtype, blocks={"q": (0, C), "v": (2 * C, 3 * C)})
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+
+    def t(a, grad=False):
+        return torch.tensor(np.ascontiguousarray(to_numpy(a)), dtype=tdt, requires_grad=grad)
+
+    W0, b0 = t(m.base.weight().T), t(m.base.buffers["bias"])
+    Aq, Bq, Av, Bv = (t(m.p[n].T, True) for n in ("lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"))
+    rng = np.random.default_rng(3)
+    x_np, dy_np = rng.standard_normal((2, 3, C)).astype(dtype), rng.standard_normal((2, 3, 3 * C)).astype(dtype)
+    x = t(x_np, True)
+    q, k, v = torch.nn.functional.linear(x, W0, b0).split(C, dim=-1)
+    y_ref = torch.cat([q + m.scaling * (x @ Aq.T) @ Bq.T, k, v + m.scaling * (x @ Av.T) @ Bv.T], dim=-1)
+    y_ref.backward(t(dy_np))
+    y, dx = m.forward(x_np), m.backward(dy_np)
+    errs = {"y": rel(y, y_ref.detach().numpy()), "dx": rel(dx, x.grad.numpy()),
+            **{n: rel(m.g[n], ref.grad.numpy().T) for n, ref in
+               zip(("lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"), (Aq, Bq, Av, Bv))}}
+    assert y.dtype == dtype and max(errs.values()) <= tol, errs
 
 
 @needs_torch
@@ -305,6 +346,27 @@ def test_merge_and_unmerge_agree():
         lora_layer(6, 4, 2, True, True, seed=3).merge()
 
 
+def test_apply_lora_on_q_and_v_only():
+    model = GPT(tiny_config(), seed=0, dtype="float64")
+    apply_lora(model, ["attn.c_attn[q,v]", "mlp.c_fc"], rank=2, alpha=3)
+    names = set(lora_parameters(model))
+    assert "transformer.h.0.attn.c_attn.lora_A_q" in names and "transformer.h.1.attn.c_attn.lora_B_v" in names
+    assert not any(n.endswith("_k") for n in names)
+    assert sum(v.size for v in lora_parameters(model).values()) == 2 * (2 * 2 * (8 + 8) + 2 * (8 + 32))
+    for v in lora_parameters(model).values():
+        v[...] = 0.2 * np.random.default_rng(2).standard_normal(v.shape)
+    layer = model.transformer.h.items[0].attn.c_attn
+    assert np.all(layer.delta()[:, 8:16] == 0) and np.any(layer.delta()[:, :8] != 0)  # k untouched
+    idx, _ = batch()
+    logits = model.forward(idx)[0]
+    merge_lora(model)
+    assert rel(model.forward(idx)[0], logits) <= 1e-12
+    with pytest.raises(ValueError, match="no parts"):
+        apply_lora(GPT(tiny_config(), seed=0), ["mlp.c_fc[q]"])
+    with pytest.raises(ValueError, match="more than one"):
+        apply_lora(GPT(tiny_config(), seed=0), ["attn.c_attn", "attn.*"])
+
+
 def test_apply_lora_errors():
     model = GPT(tiny_config(), seed=0)
     with pytest.raises(ValueError, match="no linear layer matches"):
@@ -446,9 +508,10 @@ def test_commands(tmp_path, capsys):
     main(["eval", "--checkpoint", str(tmp_path / "base-int8"), "--text", str(data)])
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["val_loss_int8"], abs=0.5)
     main(["finetune", "--checkpoint", str(base_dir), "--data", str(data), "--lora-rank", "2", "--max-iters", "5",
-          "--out-dir", str(tmp_path / "ft"), "--quiet", "--sample-tokens", "10"])
+          "--targets", "attn.c_attn[q,v],mlp.c_fc", "--out-dir", str(tmp_path / "ft"), "--quiet", "--sample-tokens", "10"])
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert summary["history"][-1]["step"] == 5 and summary["trainable_fraction"] < 0.2
+    assert summary["config"]["targets"] == ["attn.c_attn[q,v]", "mlp.c_fc"]
     main(["sample", "--checkpoint", str(tmp_path / "ft" / "adapter"), "--prompt", "the", "--max-new-tokens", "5",
           "--seed", "0"])
     bad = tmp_path / "bad.txt"

@@ -10,6 +10,7 @@ fine-tuning: adapters in float over the frozen int8 base.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _finetune(args):
         print(f"dropped {dropped} character(s) of {args.data} that are not in the model's vocabulary")
     if min(len(train_ids), len(val_ids)) < 2:
         raise ValueError(f"{args.data} is too short to split into train and validation text")
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    targets = tuple(t.strip() for t in re.split(r",(?![^\[]*\])", args.targets) if t.strip())  # not inside [q,v]
     cfg = FinetuneConfig(rank=args.lora_rank, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
                          targets=targets, max_iters=args.max_iters, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -135,7 +136,8 @@ def add_parsers(sub):
     f.add_argument("--lora-rank", type=int, default=8)
     f.add_argument("--lora-alpha", type=float, help="scaling alpha / rank (default alpha = 2 * rank)")
     f.add_argument("--targets", default="attn.c_attn",
-                   help="comma-separated module path patterns (fnmatch, suffix match): e.g. attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj")
+                   help="comma-separated module path patterns (fnmatch, suffix match), e.g. attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj; "
+                        "attn.c_attn[q,v] adapts only the q and v blocks of the fused q/k/v projection")
     f.add_argument("--max-iters", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--learning-rate", type=float, default=3e-3)

@@ -15,10 +15,15 @@ Backward, with h = x @ A (kept from the forward):
     dA = x^T dh
     dx = base.backward(dy) + dh @ A^T
 
+With column ``blocks`` (e.g. only the q and v thirds of the fused c_attn),
+each block has its own A and B, and the same formulas hold on its columns
+of y and dy; the blocks' dx terms add up.
+
 ``merge()`` folds s * A @ B into a float base weight (inference then costs
 what the plain layer costs); ``unmerge()`` takes it out again.
 """
 import math
+import re
 
 from ..backend import get_backend
 from .layers import Linear
@@ -29,24 +34,43 @@ from .quant import (
 
 
 class LoRALinear(Module):
-    def __init__(self, base, rank, alpha=None, rng=None, backend=None, dtype=None):
+    """LoRA on a frozen linear layer; ``blocks`` puts one adapter on each of some output column ranges.
+
+    ``blocks`` maps a name to (start, stop) of the output columns, e.g. the q
+    and v thirds of the fused q/k/v matrix c_attn, each with its own A and B
+    (``lora_A_q``, ``lora_B_q``, ...), as separate q and v adapters would be.
+    Without ``blocks`` one adapter spans all columns (``lora_A``, ``lora_B``).
+    """
+
+    def __init__(self, base, rank, alpha=None, rng=None, blocks=None, backend=None, dtype=None):
         super().__init__(backend or base.backend, dtype or base.dtype)
         if not isinstance(base, (FrozenLinear, QuantizedLinear)):
             raise TypeError(f"LoRALinear: base must be a FrozenLinear or QuantizedLinear, got {type(base).__name__}")
         if int(rank) != rank or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
         n_in, n_out = base.shape
-        if rank > min(n_in, n_out):
-            raise ValueError(f"LoRA rank {rank} exceeds the layer's smaller side {min(n_in, n_out)} ({n_in} x {n_out})")
+        self.blocks = {"": (0, n_out)} if blocks is None else dict(blocks)
+        for name, (start, stop) in self.blocks.items():
+            if not 0 <= start < stop <= n_out:
+                raise ValueError(f"LoRA block {name!r} columns {start}:{stop} are outside 0:{n_out}")
+            if rank > min(n_in, stop - start):
+                raise ValueError(f"LoRA rank {rank} exceeds the layer's smaller side {min(n_in, stop - start)} "
+                                 f"({n_in} x {stop - start})")
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / self.rank
         self.base = base
         rng = rng if rng is not None else get_backend("numpy").rng(0)
         bound = 1.0 / math.sqrt(n_in)  # PyTorch's kaiming_uniform(a=sqrt(5)) on A, as peft does
-        self.add_param("lora_A", rng.uniform(-bound, bound, (n_in, self.rank)))
-        self.add_param("lora_B", self.xp.zeros((self.rank, n_out)))
+        for name, (start, stop) in self.blocks.items():
+            self.add_param(self._names(name)[0], rng.uniform(-bound, bound, (n_in, self.rank)))
+            self.add_param(self._names(name)[1], self.xp.zeros((self.rank, stop - start)))
         self.merged = False
+
+    @staticmethod
+    def _names(block):
+        suffix = f"_{block}" if block else ""
+        return "lora_A" + suffix, "lora_B" + suffix
 
     @property
     def shape(self):
@@ -56,28 +80,39 @@ class LoRALinear(Module):
         y = self.base.forward(x)
         if self.merged:  # the update is inside the base weight
             return y
-        A, B = self.p["lora_A"], self.p["lora_B"]
-        x2 = x.reshape(-1, A.shape[0])
-        h = x2 @ A
-        y += ((h @ B) * self.scaling).reshape(y.shape)
-        self.cache = (x2, h, x.shape)
+        n_in, n_out = self.shape
+        x2, y2 = x.reshape(-1, n_in), y.reshape(-1, n_out)  # y2 is a view: the adds land in y
+        hs = {}
+        for name, (start, stop) in self.blocks.items():
+            a, b = self._names(name)
+            hs[name] = x2 @ self.p[a]
+            y2[:, start:stop] += (hs[name] @ self.p[b]) * self.scaling
+        self.cache = (x2, hs, x.shape)
         return y
 
     def backward(self, dy):
         if self.merged:
             raise RuntimeError("LoRALinear: backward on a merged layer; unmerge() before training")
-        x2, h, x_shape = self.cache
-        A, B = self.p["lora_A"], self.p["lora_B"]
-        dy2 = dy.reshape(-1, B.shape[1])
-        self.g["lora_B"] += self.scaling * (h.T @ dy2)
-        dh = self.scaling * (dy2 @ B.T)
-        self.g["lora_A"] += x2.T @ dh
-        return self.base.backward(dy) + (dh @ A.T).reshape(x_shape)
+        x2, hs, x_shape = self.cache
+        dy2 = dy.reshape(-1, self.shape[1])
+        dx2 = self.base.backward(dy).reshape(x2.shape)  # a fresh array: the adapters' dx is added into it
+        for name, (start, stop) in self.blocks.items():
+            a, b = self._names(name)
+            dy_block = dy2[:, start:stop]
+            self.g[b] += self.scaling * (hs[name].T @ dy_block)
+            dh = self.scaling * (dy_block @ self.p[b].T)
+            self.g[a] += x2.T @ dh
+            dx2 += dh @ self.p[a].T
+        return dx2.reshape(x_shape)
 
     # -- merging -----------------------------------------------------------------
     def delta(self):
-        """The update s * A @ B (in, out) this adapter adds to the base weight."""
-        return self.scaling * (self.p["lora_A"] @ self.p["lora_B"])
+        """The update (in, out) the adapters add to the base weight: s * A @ B in each block's columns."""
+        d = self.xp.zeros(self.shape, dtype=self.dtype)
+        for name, (start, stop) in self.blocks.items():
+            a, b = self._names(name)
+            d[:, start:stop] = self.scaling * (self.p[a] @ self.p[b])
+        return d
 
     def merge(self):
         """W <- W + s A B: forward then runs the base layer alone."""
@@ -104,34 +139,64 @@ class LoRALinear(Module):
 # ---------------------------------------------------------------------------
 
 
+# The column blocks of the fused projections, in order (GPT-2's c_attn is [q | k | v]).
+FUSED_BLOCKS = {"c_attn": ("q", "k", "v"), "kv_proj": ("k", "v")}
+
+
+def parse_target(target):
+    """"attn.c_attn[q,v]" -> ("attn.c_attn", ("q", "v")); "mlp.c_fc" -> ("mlp.c_fc", None)."""
+    match = re.fullmatch(r"(.+)\[([\w,\s]+)\]", target.strip())
+    if not match:
+        return target.strip(), None
+    return match.group(1), tuple(b.strip() for b in match.group(2).split(",") if b.strip())
+
+
+def _blocks_of(path, module, parts):
+    """{name: (start, stop)} for the requested parts of a fused projection (None: the whole layer)."""
+    if parts is None:
+        return None
+    layer = path.rpartition(".")[2]
+    names = FUSED_BLOCKS.get(layer)
+    if names is None or any(p not in names for p in parts):
+        raise ValueError(f"apply_lora: {path} has no parts {list(parts)}; fused layers and their parts: {FUSED_BLOCKS}")
+    width = module.shape[1] // len(names)
+    return {p: (names.index(p) * width, (names.index(p) + 1) * width) for p in parts}
+
+
 def apply_lora(model, targets, rank=8, alpha=None, seed=0):
     """Put LoRA adapters on the linear layers whose dotted paths match ``targets`` (fnmatch patterns).
 
-    Every OTHER linear layer is frozen too (a FrozenLinear), so no linear
-    weight of the model has a gradient array any more; the adapters' A and
-    B are the model's only linear-layer parameters. Embeddings, layer norms
-    and a GPT's lm_head keep theirs: pass ``lora_parameters(model)`` to the
-    optimizer so that only the adapters train. A pattern that matches no
-    linear layer is an error (a typo would otherwise train nothing).
-    Returns the adapted paths.
+    A pattern may name parts of a fused projection: "attn.c_attn[q,v]" puts
+    separate adapters on the q and v column blocks of c_attn only (the LoRA
+    paper's choice). Every OTHER linear layer is frozen too (a FrozenLinear),
+    so no linear weight of the model has a gradient array any more; the
+    adapters' A and B are the model's only linear-layer parameters.
+    Embeddings, layer norms and a GPT's lm_head keep theirs: pass
+    ``lora_parameters(model)`` to the optimizer so that only the adapters
+    train. A pattern that matches no linear layer, or two patterns that
+    match one layer, are errors. Returns the adapted paths.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("apply_lora: give at least one target pattern (e.g. 'attn.c_attn')")
+    parsed = [parse_target(t) for t in targets]
     rng = get_backend("numpy").rng(seed)
     linears = [(path, m) for path, m in named_modules(model)
                if isinstance(m, (Linear, FrozenLinear, QuantizedLinear, LoRALinear))]
     if any(isinstance(m, LoRALinear) for _, m in linears):
         raise ValueError("apply_lora: the model already has LoRA adapters")
-    unmatched = [t for t in targets if not any(path_matches(path, t) for path, _ in linears)]
+    unmatched = [t for t, (pattern, _) in zip(targets, parsed) if not any(path_matches(path, pattern) for path, _ in linears)]
     if unmatched:
         raise ValueError(f"apply_lora: no linear layer matches {unmatched}; linear layers are "
                          f"{', '.join(path for path, _ in linears[:8])}{' ...' if len(linears) > 8 else ''}")
     adapted = []
     for path, m in linears:
         base = FrozenLinear.from_linear(m) if isinstance(m, Linear) else m
-        if any(path_matches(path, t) for t in targets):
-            base = LoRALinear(base, rank, alpha, rng=rng)
+        hits = [parts for pattern, parts in parsed if path_matches(path, pattern)]
+        if len(hits) > 1:
+            raise ValueError(f"apply_lora: {path} is matched by more than one target pattern {targets}")
+        if hits:
+            base = LoRALinear(base, rank, alpha, rng=rng, blocks=_blocks_of(path, base, hits[0]))
             adapted.append(path)
         if base is not m:
             set_submodule(model, path, base)
@@ -146,11 +211,11 @@ def lora_modules(model):
 
 def lora_parameters(model):
     """The adapters' parameters by dotted name (the live arrays): what the optimizer should get."""
-    return {k: v for k, v in model.params.items() if k.endswith((".lora_A", ".lora_B"))}
+    return {k: v for k, v in model.params.items() if k.rpartition(".")[2].startswith(("lora_A", "lora_B"))}
 
 
 def lora_gradients(model):
-    return {k: v for k, v in model.grads.items() if k.endswith((".lora_A", ".lora_B"))}
+    return {k: v for k, v in model.grads.items() if k.rpartition(".")[2].startswith(("lora_A", "lora_B"))}
 
 
 def merge_lora(model):
