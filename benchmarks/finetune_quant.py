@@ -9,7 +9,8 @@ once: ``npflux.finetune.windows_loss``), float32 and int8 in the same run, with
 the eval time of both (medians of --reps passes over the first 64 windows; a
 ratio, not a speed claim). Size counts every array the model keeps.
 
-Fine-tuning: LoRA rank --rank on --targets of the --finetune-base model,
+Fine-tuning: LoRA on each --lora set ("TARGETS@RANK", targets comma-separated;
+"attn.c_attn[q,v]" is only the q and v blocks of the fused projection) of the --finetune-base model,
 trained on the NeuraFlux corpus (characters outside Tiny Shakespeare's
 vocabulary dropped; every 10th line held out), over the float32 base and over
 its int8 per-channel copy (QLoRA-style). Loss on the held-out lines before and
@@ -78,7 +79,8 @@ def step_seconds(ckpt, mode, ids, args, reps):
     if mode == "full":
         params, grads = model.params, model.grads
     else:
-        apply_lora(model, args.targets, rank=args.rank)
+        targets, rank = lora_sets(args)[0]
+        apply_lora(model, targets, rank=rank)
         params, grads = lora_parameters(model), lora_gradients(model)
     opt = optim.AdamW(params, lr=1e-4)
     rng = __import__("numpy").random.default_rng(0)
@@ -94,19 +96,30 @@ def step_seconds(ckpt, mode, ids, args, reps):
     return statistics.median(times[1:])
 
 
+def lora_sets(args):
+    """[(targets, rank)] from the --lora strings "attn.c_attn[q,v],mlp.c_fc@4"."""
+    import re
+
+    sets = []
+    for spec in args.lora:
+        targets, _, rank = spec.partition("@")
+        sets.append((tuple(t for t in re.split(r",(?![^\[]*\])", targets) if t), int(rank or 8)))
+    return sets
+
+
 def finetune_rows(name, ckpt, corpus, args):
     rows = []
-    for base in ("float32", "int8"):
+    for (targets, rank), base in [(lora, base) for lora in lora_sets(args) for base in ("float32", "int8")]:
         model, tok, _ = model_from_checkpoint(ckpt)
         if base == "int8":
             quantize_model(model)
         train_text, val_text = split_text(corpus, 0.1, "lines")
         train_ids, _, dropped_train = encode_for(tok, train_text, unknown="drop")
         val_ids, _, dropped_val = encode_for(tok, val_text, unknown="drop")
-        cfg = FinetuneConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets), max_iters=args.max_iters,
+        cfg = FinetuneConfig(rank=rank, alpha=2.0 * rank, targets=targets, max_iters=args.max_iters,
                              learning_rate=args.learning_rate, eval_interval=args.max_iters, seed=1337, progress=False)
         s = finetune(model, train_ids, val_ids, cfg)
-        row = {"model": name, "base": base, "rank": args.rank, "targets": list(args.targets),
+        row = {"model": name, "base": base, "rank": rank, "targets": list(targets),
                "trainable_parameters": s["trainable_parameters"], "base_parameters": s["base_parameters"],
                "trainable_percent": 100 * s["trainable_fraction"], "steps": args.max_iters,
                "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
@@ -116,7 +129,7 @@ def finetune_rows(name, ckpt, corpus, args):
                "train_loss_before": s["history"][0]["train_loss"], "train_loss_after": s["history"][-1]["train_loss"],
                "train_seconds": s["train_seconds"]}
         rows.append(row)
-        print(f"{name} LoRA over {base}: val loss {row['val_loss_before']:.4f} -> {row['val_loss_after']:.4f} "
+        print(f"{name} LoRA {','.join(targets)} @{rank} over {base}: val loss {row['val_loss_before']:.4f} -> {row['val_loss_after']:.4f} "
               f"({row['val_loss_change']:+.4f}), {row['trainable_percent']:.2f}% trainable, {row['train_seconds']:.1f} s")
     return rows
 
@@ -127,8 +140,9 @@ def main():
     p.add_argument("--group-sizes", type=int, nargs="*", default=[32], help="per-group variants (default 32)")
     p.add_argument("--finetune-base", help="NAME of the checkpoint to fine-tune (default: the last)")
     p.add_argument("--max-iters", type=int, default=300)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", nargs="+", default=["attn.c_attn"])
+    p.add_argument("--lora", nargs="+", default=["attn.c_attn@8", "attn.c_attn[q,v]@8",
+                                                  "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj@2"],
+                   help="adapter sets TARGETS@RANK (the first is also timed per step)")
     p.add_argument("--learning-rate", type=float, default=3e-3)
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 5)
