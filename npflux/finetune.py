@@ -24,7 +24,9 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import get_batch, sha256_file
 from .models import GPT, GPTConfig
 from .nn.lora import apply_lora, lora_gradients, lora_parameters
-from .nn.quant import QuantizedLinear, named_buffers, quantize_linears, refresh_flat_parameters, set_submodule
+from .nn.quant import (
+    QuantizedLinear, named_buffers, named_modules, quantize_linears, refresh_flat_parameters, set_submodule,
+)
 
 # The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
 # not a Linear module (it may share wte's matrix), so it, the embeddings and the norms stay float.
@@ -69,11 +71,22 @@ def quantize_model(model, group_size=None, targets=BLOCK_LINEARS):
     return quantize_linears(model, group_size=group_size, targets=targets)
 
 
-def save_quantized(directory, model, config: dict, tokenizer=None, paths=(), group_size=None, extra=None):
-    """A checkpoint of a quantized model: int8 weights, float32 scales and every float array left."""
+def save_quantized(directory, model, config: dict, tokenizer=None, extra=None):
+    """A checkpoint of a quantized model: int8 weights, float32 scales and every float array left.
+
+    ``config`` is the float checkpoint's; its "quantization" entry lists the
+    int8 layers and their group size (None: per output channel).
+    """
+    layers = {path: m for path, m in named_modules(model) if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ValueError("save_quantized: the model has no int8 layers (quantize_model first)")
+    group_sizes = sorted({str(m.group_size) for m in layers.values()})
+    if len(group_sizes) > 1:
+        raise ValueError(f"save_quantized: layers quantized with different group sizes {group_sizes}")
     state = {**model.state_dict(), **named_buffers(model)}
-    config = {**config, "quantization": {"bits": 8, "scheme": "symmetric", "group_size": group_size,
-                                         "layers": list(paths)}}
+    config = {**config, "quantization": {"bits": 8, "scheme": "symmetric",
+                                         "group_size": next(iter(layers.values())).group_size,
+                                         "layers": list(layers)}}
     return save_checkpoint(directory, model_state=state, config=config, tokenizer=tokenizer, extra=extra)
 
 

@@ -405,9 +405,9 @@ def test_quantized_checkpoint_round_trip_and_size(tmp_path, gpt2_style):
     paths = quantize_model(model, group_size=8)
     assert len(paths) == 8
     q_logits = model.forward(idx)[0]
-    save_quantized(tmp_path / "q", model, ckpt.config, tokenizer=ckpt.tokenizer, paths=paths, group_size=8)
+    save_quantized(tmp_path / "q", model, ckpt.config, tokenizer=ckpt.tokenizer)
     meta = json.loads((tmp_path / "q" / "meta.json").read_text())
-    assert meta["config"]["quantization"]["group_size"] == 8
+    assert meta["config"]["quantization"]["group_size"] == 8 and meta["config"]["quantization"]["layers"] == paths
     import safetensors.numpy
 
     saved = safetensors.numpy.load_file(str(tmp_path / "q" / "model.safetensors"))
@@ -465,7 +465,10 @@ def test_finetune_lowers_loss_and_adapter_round_trip(tmp_path):
 def test_qlora_adapter_over_int8_base(tmp_path):
     base_dir, tok = make_base(tmp_path)
     model, _, ckpt = model_from_checkpoint(base_dir)
-    save_quantized(tmp_path / "q", model, ckpt.config, tokenizer=tok, paths=quantize_model(model))
+    with pytest.raises(ValueError, match="no int8 layers"):
+        save_quantized(tmp_path / "q", model, ckpt.config)
+    quantize_model(model)
+    save_quantized(tmp_path / "q", model, ckpt.config, tokenizer=tok)
     qmodel, _, _ = model_from_checkpoint(tmp_path / "q")
     ids = np.asarray(tok.encode(TEXT))
     cfg = FinetuneConfig(rank=2, alpha=4, max_iters=30, learning_rate=1e-2, eval_interval=30, progress=False)

@@ -38,7 +38,7 @@ def _quantize(args):
     paths = quantize_model(model, group_size=args.group_size)
     seconds = time.perf_counter() - t0
     after = model_size(model)
-    save_quantized(out, model, ckpt.config, tokenizer=ckpt.tokenizer, paths=paths, group_size=args.group_size,
+    save_quantized(out, model, ckpt.config, tokenizer=ckpt.tokenizer,
                    extra={"source_checkpoint": str(Path(args.checkpoint).resolve())})
     result = {"checkpoint": str(args.checkpoint), "out": str(out), "group_size": args.group_size,
               "quantized_layers": len(paths), "quantize_seconds": seconds,
