@@ -29,7 +29,7 @@ from ..backend import get_backend
 from .layers import Linear
 from .module import Module
 from .quant import (
-    FrozenLinear, QuantizedLinear, input_grad, named_modules, path_matches, refresh_flat_parameters, set_submodule,
+    FrozenLinear, QuantizedLinear, named_modules, path_matches, refresh_flat_parameters, set_submodule,
 )
 
 
