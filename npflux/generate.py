@@ -177,6 +177,20 @@ def _next_logits(model, prompt, tokens, caches, use_cache):
     return model.forward(seqs[:, -1:], kv_caches=caches)[0][:, -1, :], caches
 
 
+def _top_candidates(scores, n):
+    """Indices of the n highest scores, best first, ties to the lower index (as argmax), in O(len) time.
+
+    2k candidates always leave k that do not end the beam (each beam has one
+    eos candidate). Partitioning finds the n-th score; everything at least as
+    high is kept, so ties at the cut are decided by index, not by chance.
+    """
+    if n >= scores.size:
+        return np.argsort(-scores, kind="stable")
+    cut = np.partition(scores, scores.size - n)[scores.size - n]
+    keep = np.flatnonzero(scores >= cut)
+    return keep[np.lexsort((keep, -scores[keep]))][:n]
+
+
 def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0, eos_id=None, use_cache=True):
     """The ``beam_width`` most probable continuations of one prompt, kept ``beam_width`` at a time.
 
@@ -231,8 +245,7 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
         for step in range(max_new_tokens):
             logits, caches = _next_logits(model, prompt, tokens, caches, use_cache)
             cand = (logps[:, None] + _host_log_softmax(logits)).ravel()
-            # 2k candidates always leave k that do not end the beam (each beam has one eos candidate)
-            order = np.argsort(-cand, kind="stable")[: 2 * k]
+            order = _top_candidates(cand, 2 * k)
             parents, new = [], []
             for rank, c in enumerate(order.tolist()):
                 parent, token = divmod(c, V)

@@ -166,3 +166,12 @@ def test_bad_arguments_are_clear_errors():
         beam_search(model, np.array([1.0]), 2, 3)
     seqs, scores = beam_search(model, [1, 2], 2, 0)
     assert [s.tolist() for s in seqs] == [[1, 2]] and scores == [0.0]
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(1, 12))
+def test_top_candidates_are_a_stable_sort_with_ties(values, n):
+    """The O(V) selection picks what a full stable sort would, ties (common here) to the lower index."""
+    from npflux.generate import _top_candidates
+
+    scores = np.asarray(values, dtype=np.float64)
+    assert _top_candidates(scores, n).tolist() == np.argsort(-scores, kind="stable")[:n].tolist()
