@@ -242,8 +242,10 @@ class FinetuneConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
-def windows_loss(model, ids, batch_size=16):
-    """Mean loss over ``ids`` cut into non-overlapping windows of block_size + 1 (every token predicted once)."""
+def windows_loss(model, ids, batch_size=16, progress=False):
+    """Mean loss over ``ids`` cut into non-overlapping windows of block_size + 1 (every token predicted once).
+
+    ``progress``: a tqdm bar over the batches, with this text as its label."""
     import numpy as np
 
     T = model.config.block_size
@@ -255,7 +257,14 @@ def windows_loss(model, ids, batch_size=16):
     was_training = model.training
     model.eval()
     total = 0.0
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=str(progress), unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+    for start in starts:
         batch = windows[start : start + batch_size]
         _, loss = model.forward(batch[:, :-1], batch[:, 1:])
         total += float(loss) * batch.shape[0]

@@ -29,7 +29,7 @@ def _quantize(args):
     if args.data:
         val_ids, _, _ = encode_for(tokenizer, split_text(load_text(args.data), args.val_fraction, "tail")[1])
     before = model_size(model)
-    loss_before = windows_loss(model, val_ids) if val_ids is not None else None
+    loss_before = windows_loss(model, val_ids, progress="val loss, float") if val_ids is not None else None
     if val_ids is not None:
         # The same windows through the float model give the same logits shape; keep one batch to compare.
         probe = val_ids[: model.config.block_size][None]
@@ -53,7 +53,7 @@ def _quantize(args):
 
         import numpy as np
 
-        loss_after = windows_loss(model, val_ids)
+        loss_after = windows_loss(model, val_ids, progress="val loss, int8")
         logits_int8 = to_numpy(model.forward(probe)[0])
         result.update({"val_tokens": int(len(val_ids)), "val_loss_float32": loss_before, "val_loss_int8": loss_after,
                        "val_loss_increase": loss_after - loss_before, "perplexity_float32": math.exp(loss_before),
