@@ -72,10 +72,9 @@ def _finetune(args):
     if "adapter" in ckpt.config:
         raise ValueError(f"{args.checkpoint} is an adapter; fine-tune its base checkpoint "
                          f"({ckpt.config['adapter']['base_checkpoint']})")
-    train_text, val_text = split_text(load_text(args.data), args.val_fraction, args.val_split)
-    train_ids, text, dropped_train = encode_for(tokenizer, train_text, unknown=args.unknown_chars)
-    val_ids, _, dropped_val = encode_for(tokenizer, val_text, unknown=args.unknown_chars)
-    dropped = dropped_train + dropped_val
+    _, text, dropped = encode_for(tokenizer, load_text(args.data), unknown=args.unknown_chars)  # checks all of it
+    train_text, val_text = split_text(text, args.val_fraction, args.val_split)
+    train_ids, val_ids = encode_for(tokenizer, train_text)[0], encode_for(tokenizer, val_text)[0]
     if dropped:
         print(f"dropped {dropped} character(s) of {args.data} that are not in the model's vocabulary")
     if min(len(train_ids), len(val_ids)) < 2:
