@@ -86,10 +86,10 @@ def _print_sample(model, tokenizer, prompt, n, stop_at_eos=True, **kw):
     from .tokenizers import decode_text, encode_prompt
 
     ids = encode_prompt(tokenizer, prompt)
-    out = to_numpy(model.generate(model.backend.asarray([ids]), n, **kw))[0].tolist()
-    eos = getattr(tokenizer, "eos_id", None)
-    if stop_at_eos and eos in out[len(ids):]:
-        out = out[: out.index(eos, len(ids))]  # sampling runs on; the document ended here
+    eos = getattr(tokenizer, "eos_id", None) if stop_at_eos else None
+    out = to_numpy(model.generate(model.backend.asarray([ids]), n, eos_id=eos, **kw))[0].tolist()
+    if eos in out[len(ids):]:
+        out = out[: out.index(eos, len(ids))]  # the document ended here
     print(decode_text(tokenizer, out))
 
 

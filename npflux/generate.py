@@ -7,6 +7,8 @@ shift, the cache no longer applies, and the window is recomputed, exactly as
 the uncached path crops to the last block_size tokens, so both give the same
 tokens.
 """
+import contextlib
+
 import numpy as np  # host-side bookkeeping of beam search: scores and token lists
 
 from .backend import check_int, get_array_module, to_numpy
@@ -51,48 +53,79 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     return xp.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, use_cache=True):
-    """idx (B, T) int -> (B, T + max_new_tokens) with sampled continuations (model in eval mode)."""
-    check_int(idx, "generate: idx")
-    xp = model.xp
+def _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, name):
+    """idx as a (B, T) array of the model's backend, after checking every sampling argument.
+
+    Checked up front, so a bad argument fails even when it would go unused
+    (greedy decoding, 0 new tokens), and a stream fails before its first token.
+    """
+    check_int(idx, f"{name}: idx")
     idx = model.backend.asarray(idx)
     if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"generate: idx must be (B, T) with T >= 1, got shape {idx.shape}")
+        raise ValueError(f"{name}: idx must be (B, T) with T >= 1, got shape {idx.shape}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    # checked up front, so a bad argument fails even when it would go unused (greedy, 0 tokens)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    rng = model.backend.rng(seed)
-    block = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
-        caches, fed = None, 0  # fed: how many tokens of idx the caches hold
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = model.forward(idx[:, -block:])
-            else:
-                if caches is None or idx.shape[1] > block:
-                    # (re)start: prefill with the last `block` tokens
-                    caches = model.new_kv_caches(idx.shape[0])
-                    window = idx[:, -block:]
-                    logits, _ = model.forward(window, kv_caches=caches)
-                else:
-                    logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
-                fed = idx.shape[1]
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng)
-            idx = xp.concatenate([idx, nxt[:, None].astype(idx.dtype)], axis=1)
-    finally:
-        model.train(was_training)
     return idx
 
 
-def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, lock=None):
+def _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, lock):
+    """Yield the next token of every row, (B,) on the model's backend, one step at a time.
+
+    Each call owns its caches and random generator. ``lock`` (or a null
+    context) is held around each forward, with the model in eval mode inside
+    it: the modules keep per-forward state on themselves, so two forwards at
+    once on one model would overwrite each other's. Stops early once every row
+    has produced ``eos_id``.
+    """
+    xp, rng, block = model.xp, model.backend.rng(seed), model.config.block_size
+    lock = lock if lock is not None else contextlib.nullcontext()
+    finished = xp.zeros(idx.shape[0], dtype=bool)
+    caches, fed = None, 0  # fed: how many tokens of idx the caches hold
+    for _ in range(max_new_tokens):
+        with lock:
+            was_training = model.training
+            model.eval()
+            try:
+                if not use_cache:
+                    logits, _ = model.forward(idx[:, -block:])
+                elif caches is None or idx.shape[1] > block:
+                    # (re)start: prefill with the last `block` tokens
+                    caches = model.new_kv_caches(idx.shape[0])
+                    logits, _ = model.forward(idx[:, -block:], kv_caches=caches)
+                else:
+                    logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
+            finally:
+                model.train(was_training)
+        fed = idx.shape[1]
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng).astype(idx.dtype)
+        idx = xp.concatenate([idx, nxt[:, None]], axis=1)
+        yield nxt
+        if eos_id is not None:
+            finished |= nxt == eos_id
+            if bool(finished.all()):
+                return
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, use_cache=True,
+             eos_id=None):
+    """idx (B, T) int -> (B, T + n) with sampled continuations (model in eval mode).
+
+    n = max_new_tokens, or fewer when ``eos_id`` is given and every row has
+    produced it (a row that finished first runs on; cut it at its [EOS]).
+    """
+    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, "generate")
+    steps = _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, None)
+    return model.xp.concatenate([idx] + [nxt[:, None] for nxt in steps], axis=1)
+
+
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, lock=None,
+                    eos_id=None):
     """An iterator over the new tokens, one host int64 array (B,) per step: the tokens that
     ``generate`` appends with the same arguments and seed, as soon as each is sampled.
 
@@ -100,48 +133,11 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     key/value caches and random generator, so several may run at once on one model (a
     server's requests); give them all the same ``lock`` (a ``threading.Lock``), held
     around each forward, because the modules keep per-forward state for backward on
-    themselves and two forwards at once would overwrite each other's. Under the lock the
-    model runs in eval mode.
+    themselves and two forwards at once would overwrite each other's.
     """
-    import contextlib
-
-    from .backend import to_numpy
-
-    check_int(idx, "generate_stream: idx")
-    idx = model.backend.asarray(idx)
-    if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"generate_stream: idx must be (B, T) with T >= 1, got shape {idx.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be positive, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    lock = lock if lock is not None else contextlib.nullcontext()
-
-    def tokens(idx):
-        xp, rng, block = model.xp, model.backend.rng(seed), model.config.block_size
-        caches, fed = None, 0  # as in generate: restart the caches when the window slides
-        for _ in range(max_new_tokens):
-            with lock:
-                was_training = model.training
-                model.eval()
-                try:
-                    if caches is None or idx.shape[1] > block:
-                        caches = model.new_kv_caches(idx.shape[0])
-                        logits, _ = model.forward(idx[:, -block:], kv_caches=caches)
-                    else:
-                        logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
-                finally:
-                    model.train(was_training)
-            fed = idx.shape[1]
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng)
-            idx = xp.concatenate([idx, nxt[:, None].astype(idx.dtype)], axis=1)
-            yield to_numpy(nxt).astype("int64")
-
-    return tokens(idx)
+    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, "generate_stream")
+    steps = _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, True, eos_id, lock)
+    return (to_numpy(nxt).astype("int64") for nxt in steps)
 
 
 # ---------------------------------------------------------------------------

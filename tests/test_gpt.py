@@ -520,6 +520,22 @@ def test_top_k_1_is_greedy_and_seeds_reproduce(gen_model):
     assert np.array_equal(gen_model.generate(PROMPT, 0), PROMPT)
 
 
+def test_generate_stops_when_every_row_reached_eos(gen_model):
+    one = PROMPT[:1]
+    full = gen_model.generate(one, 12, seed=3)
+    P = one.shape[1]
+    eos = int(full[0, P + 4])  # make the 5th sampled token the end mark
+    first = P + int(np.flatnonzero(full[0, P:] == eos)[0])
+    out = gen_model.generate(one, 12, seed=3, eos_id=eos)
+    assert np.array_equal(out, full[:, : first + 1])  # the same tokens, up to and with the first [EOS]
+    never = next(v for v in range(gen_model.config.vocab_size) if v not in full[0, P:])
+    assert np.array_equal(gen_model.generate(one, 12, seed=3, eos_id=never), full)
+    # two rows: a row that ended runs on until the other ends too
+    both = gen_model.generate(PROMPT, 12, seed=3)
+    only_first = next(v for v in both[0, P:].tolist() if v not in both[1, P:].tolist())
+    assert np.array_equal(gen_model.generate(PROMPT, 12, seed=3, eos_id=only_first), both)
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.5), dict(top_p=0.0), dict(top_k=0), dict(top_p=1.5),
                                     dict(max_new_tokens=-1)])
 def test_generate_bad_arguments(gen_model, kwargs):
