@@ -3,6 +3,7 @@
     ids, _ = encode_text(tokenizer, text)
     data = collect_activations(model, ids, ["transformer.h.2"])        # windows of block_size tokens
     x = data["transformer.h.2"][data["valid"]]                          # (N, C) residual-stream vectors
+    scale = input_scale(x)                                              # mean squared norm -> C
     sae = SparseAutoencoder(SAEConfig(C, 8 * C, l1=...))
     train_sae(sae, x * scale, steps=..., batch_size=...)
     evaluate_sae(sae, x_val * scale)     # fraction of variance explained, L0, dead features
@@ -234,6 +235,8 @@ def replace_output(model, name, fn):
     module, what = capture_points(model)[match_points(model, [name])[0]]
     if what != "output":
         raise ValueError(f"replace_output: {name} is not a module's output")
+    if "forward" in module.__dict__:
+        raise RuntimeError(f"replace_output: {name} is already captured or replaced")
     original = type(module).forward
 
     def forward(*args, **kwargs):
