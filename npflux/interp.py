@@ -421,9 +421,10 @@ def report_html(report, title=""):
         tops = ", ".join(f"{esc(t)} &times;{n}" for t, n in f["top_tokens"])
         parts.append(f"<div class=f><h3>feature {f['feature']}</h3><p>active on {100 * f['frequency']:.2f}% of "
                      f"tokens, max {f['max']:.3f}; top tokens: {tops}</p>")
+        width = max((len(c["left"]) for c in f["contexts"]), default=0)  # line the max tokens up
         for c in f["contexts"]:
             alpha = c["activation"] / f["max"] if f["max"] > 0 else 0
-            parts.append(f"<pre>{c['activation']:7.3f}  {esc(c['left'])}<b style='background:rgba(255,140,0,"
+            parts.append(f"<pre>{c['activation']:7.3f}  {esc(c['left'].rjust(width))}<b style='background:rgba(255,140,0,"
                          f"{0.25 + 0.75 * alpha:.2f})'>{esc(c['token'])}</b>{esc(c['right'])}</pre>")
         parts.append("</div>")
     return "\n".join(parts)
