@@ -7,17 +7,17 @@ GPT-2 state dict loads as it is (see ``load_gpt2_state_dict``).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 from .. import ops
 from ..backend import check_int, get_backend
 from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, PositionalEmbedding
+from .config import ConfigDict
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ConfigDict):
     vocab_size: int
     block_size: int
     n_layer: int
@@ -52,16 +52,6 @@ class GPTConfig:
             raise KeyError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 
 # The char-level models of the published gpt.py: ReLU MLP, no q/k/v bias,

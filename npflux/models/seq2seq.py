@@ -17,7 +17,6 @@ the decoder's self-attention.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,12 +24,13 @@ from .. import ops
 from ..backend import check_int, get_backend, to_numpy
 from ..nn import Dropout, Embedding, KVCache, Module, PositionalEmbedding, SinusoidalPositionalEncoding
 from ..nn.encoder_decoder import EncoderDecoder
+from .config import ConfigDict
 
 MODEL_TYPE = "seq2seq"
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(ConfigDict):
     src_vocab_size: int
     tgt_vocab_size: int
     src_block_size: int          # longest source the positions cover
@@ -78,16 +78,6 @@ class Seq2SeqConfig:
             if not 0 <= value < min(self.src_vocab_size, self.tgt_vocab_size):
                 raise ValueError(f"{name} {value} is outside the vocabulary")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Seq2SeqConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Seq2SeqConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class Seq2SeqTransformer(Module):
