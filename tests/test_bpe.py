@@ -52,8 +52,11 @@ def test_any_unicode_round_trips(tok, text):
     assert tok.encode_array(text, dtype=np.int32).tolist() == ids
 
 
-pieces = st.lists(st.one_of(st.sampled_from(SPECIAL_TOKENS), st.text(alphabet=st.characters(blacklist_characters="[]"),
-                                                                     max_size=20)), max_size=8)
+# Lone surrogates (category Cs) are not text (no UTF-8 encoding; the tokenizer refuses them, tested
+# below); st.characters leaves them out by default, but not once any exclusion is given.
+pieces = st.lists(st.one_of(st.sampled_from(SPECIAL_TOKENS),
+                            st.text(alphabet=st.characters(exclude_characters="[]", exclude_categories=("Cs",)),
+                                    max_size=20)), max_size=8)
 
 
 @given(pieces)
