@@ -445,6 +445,22 @@ def test_decode_leaves_training_mode_and_errors():
         Seq2SeqConfig(src_vocab_size=5, tgt_vocab_size=5, src_block_size=3, tgt_block_size=3, eos_id=0)
 
 
+def test_a_source_of_nothing_but_padding_is_an_error():
+    """No real source token leaves the cross-attention nothing to read: an error, not a made-up output."""
+    m = small_model()
+    pad = m.config.pad_id
+    for call in (lambda src: m.greedy_decode(src), lambda src: m.beam_decode(src, beam_size=2),
+                 lambda src: m.forward(src, np.array([[1], [1]]))):
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\] hold no real token"):
+            call(np.array([[3, 4, pad], [pad, pad, pad]]))
+    with pytest.raises(ValueError, match="no real token"):
+        m.forward(np.array([[3, 4]]), np.array([[1]]), src_mask=np.array([[False, False]]))
+    task = DateTask(heldout_size=1)
+    model = Seq2SeqTransformer(model_config_for(task, n_embd=8, n_head=2, n_encoder_layer=1, n_decoder_layer=1))
+    with pytest.raises(ValueError, match="no real token"):
+        exact_match(model, task.tokenizer, [("\0\0", "1998-03-03")])
+
+
 def test_float32_stays_float32_and_masks_come_from_padding():
     rng = np.random.default_rng(4)
     c = small_model().config

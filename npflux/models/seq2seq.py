@@ -160,6 +160,11 @@ class Seq2SeqTransformer(Module):
             if mask.dtype != bool or mask.shape != ids.shape:
                 raise ValueError(f"Seq2SeqTransformer: {name} must be boolean of shape {ids.shape} "
                                  f"(True = real token), got {mask.dtype} {mask.shape}")
+        if name == "src_mask" and not bool(mask.any(axis=1).all()):
+            # the cross-attention would see no key at all: every output would be read from nothing
+            empty = [int(i) for i in to_numpy(~mask.any(axis=1)).nonzero()[0]]
+            raise ValueError(f"Seq2SeqTransformer: source row(s) {empty} hold no real token (all padding, "
+                             f"pad_id {self.config.pad_id})")
         return None if bool(mask.all()) else mask
 
     # -- forward and backward --------------------------------------------------------------
