@@ -243,3 +243,21 @@ def test_sae_train_and_features_commands(checkpoint):
     assert report.count("feature ") >= 5 and "[" in report
     run(["sae", "features", "--sae", work / "sae", "--out", work / "report.html", "--features", "0", "1", "--quiet"])
     assert "<b style=" in (work / "report.html").read_text(encoding="utf-8")
+
+
+def test_sae_commands_refuse_bad_counts_before_any_work(checkpoint, capsys):
+    """A held-out fraction outside (0, 1) (1.5 once trained on half the text and held out the rest) or a
+    held-out part shorter than a window (once found only after training) fails first; counts are checked."""
+    work, ckpt, text = checkpoint
+    train = ["sae", "train", "--checkpoint", ckpt, "--text", text, "--point", "transformer.h.1", "--steps", "2",
+             "--batch-size", "8", "--quiet"]
+    for fraction, message in (("1.5", "must be in (0, 1)"), ("0", "must be in (0, 1)"),
+                              ("0.001", "held-out part has 6 tokens; the loss metrics need more than one window of 8")):
+        with pytest.raises(SystemExit):
+            run(train + ["--out-dir", work / f"sae_{fraction}", "--val-fraction", fraction])
+        assert message in capsys.readouterr().err
+        assert not (work / f"sae_{fraction}").exists()
+    for flag, value in (("--top-k", "0"), ("--before", "-3"), ("--num-features", "0")):
+        with pytest.raises(SystemExit):
+            run(["sae", "features", "--sae", work / "sae", "--out", work / "r.txt", flag, value])
+        assert f"argument {flag}: must be an integer" in capsys.readouterr().err

@@ -83,7 +83,13 @@ def _sae_train(args):
     ids = _read_ids(tokenizer, text, args.skip_unknown)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     n_train = int(len(ids) * (1 - args.val_fraction))
+    context = args.context or model.config.block_size
+    if len(ids) - n_train <= context:  # checked now, not after the training: spliced_loss needs a whole window
+        raise ValueError(f"the held-out part has {len(ids) - n_train} tokens; the loss metrics need more than one "
+                         f"window of {context}: raise --val-fraction or give a longer text")
     print(f"{text}: {len(ids):,} tokens, {n_train:,} for training, {len(ids) - n_train:,} held out")
     x_train, _ = residual_vectors(model, ids[:n_train], args.point, context=args.context, progress=not args.quiet)
     x_val, _ = residual_vectors(model, ids[n_train:], args.point, context=args.context, progress=not args.quiet)
@@ -136,6 +142,22 @@ def _sae_features(args):
     print(f"wrote {path} ({len(report)} features, top {args.top_k} contexts each)")
 
 
+def _count(minimum):
+    """An argparse type: an int >= minimum (a negative count would silently slice from the end)."""
+    from argparse import ArgumentTypeError
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_parsers(sub):
     a = sub.add_parser("activations", help="record intermediate activations of a model over a text (safetensors/npz)")
     a.add_argument("--checkpoint", required=True)
@@ -169,7 +191,7 @@ def add_parsers(sub):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="the end of the (--max-tokens) text, held out from the SAE for the metrics")
-    t.add_argument("--max-tokens", type=int, default=350_000,
+    t.add_argument("--max-tokens", type=_count(0), default=350_000,
                    help="use only the first N tokens of the text (default 350,000; 0: all of it)")
     t.add_argument("--context", type=int, help="window length in tokens (default: the model's block_size)")
     t.add_argument("--seed", type=int, default=0)
@@ -183,13 +205,13 @@ def add_parsers(sub):
     f.add_argument("--text", help="text file (default: the one the SAE was trained on)")
     f.add_argument("--checkpoint", help="the model (default: the one recorded in the SAE)")
     f.add_argument("--out", required=True, help="report file: .html for HTML, anything else for text")
-    f.add_argument("--top-k", type=int, default=8, help="contexts per feature")
+    f.add_argument("--top-k", type=_count(1), default=8, help="contexts per feature")
     f.add_argument("--features", type=int, nargs="+", help="feature indices to report (default: every live one)")
-    f.add_argument("--num-features", type=int, help="report only the first N features in --sort order")
+    f.add_argument("--num-features", type=_count(1), help="report only the first N features in --sort order")
     f.add_argument("--sort", choices=["index", "frequency", "max"], default="index")
-    f.add_argument("--before", type=int, default=24, help="tokens of context shown before the max token")
-    f.add_argument("--after", type=int, default=8, help="tokens shown after it")
-    f.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+    f.add_argument("--before", type=_count(0), default=24, help="tokens of context shown before the max token")
+    f.add_argument("--after", type=_count(0), default=8, help="tokens shown after it")
+    f.add_argument("--max-tokens", type=_count(1), help="use only the first N tokens of the text")
     f.add_argument("--skip-unknown", action="store_true")
     f.add_argument("--backend")
     f.add_argument("--quiet", action="store_true")
