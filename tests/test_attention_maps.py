@@ -160,3 +160,4 @@ def test_seq2seq_decode_and_eval_commands(s2s_ckpt, gpt_ckpt, capsys):
     assert report["examples"] == 4 and report["task_seed"] == 0 and 0.0 <= report["exact_match"] <= 1.0
     assert len(report["errors"]) == round(4 * (1 - report["exact_match"]))
     assert "not a seq2seq" in fail(["seq2seq", "decode", "--checkpoint", str(gpt_ckpt[0]), "x"], capsys)
+    assert "--limit must be at least 1" in fail(["seq2seq", "eval", "--checkpoint", str(path), "--limit", "-1"], capsys)

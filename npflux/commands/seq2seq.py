@@ -45,6 +45,8 @@ def _eval(args):
     from ..train_seq2seq import exact_match, load_seq2seq
 
     model, tokenizer, ckpt = load_seq2seq(args.checkpoint, backend=args.backend)
+    if args.limit is not None and args.limit < 1:  # a negative limit would slice from the end
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     seed = (ckpt.extra or {}).get("task_seed", 0) if args.task_seed is None else args.task_seed
     pairs = _task(args.task, seed).heldout()[: args.limit]
     accuracy, outputs = exact_match(model, tokenizer, pairs, beam_size=args.beam, progress=len(pairs) > 256)
