@@ -522,3 +522,17 @@ def test_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--checkpoint", str(base_dir), "--data", str(bad), "--out-dir", str(tmp_path / "x"), "--quiet"])
     assert "--unknown-chars drop" in capsys.readouterr().err
+
+
+def test_merge_lora_is_all_or_none():
+    """A model with float and int8 bases: merge_lora refuses before merging any layer (no half-merged model)."""
+    model = GPT(tiny_config(), seed=0, dtype="float64")
+    quantize_model(model, targets=("transformer.h.1.attn.c_attn",))
+    apply_lora(model, "attn.c_attn", rank=2)
+    for v in lora_parameters(model).values():
+        v[...] = 0.1
+    w0 = model.transformer.h.items[0].attn.c_attn.base.buffers["weight"].copy()
+    with pytest.raises(TypeError, match="int8"):
+        merge_lora(model)
+    assert not any(block.attn.c_attn.merged for block in model.transformer.h.items)
+    np.testing.assert_array_equal(model.transformer.h.items[0].attn.c_attn.base.buffers["weight"], w0)

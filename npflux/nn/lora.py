@@ -219,10 +219,18 @@ def lora_gradients(model):
 
 
 def merge_lora(model):
-    for _, m in lora_modules(model):
+    """Fold every adapter into its base weight. All or none: an int8 base anywhere is refused before any change."""
+    layers = [m for _, m in lora_modules(model)]
+    for m in layers:
+        m._check_mergeable()
+    for m in layers:
         m.merge()
 
 
 def unmerge_lora(model):
-    for _, m in lora_modules(model):
+    """Take every adapter out of its base weight again (all or none, as ``merge_lora``)."""
+    layers = [m for _, m in lora_modules(model)]
+    for m in layers:
+        m._check_mergeable()
+    for m in layers:
         m.unmerge()
