@@ -23,7 +23,7 @@ from .backend import get_backend
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import get_batch, sha256_file
 from .models import GPT, GPTConfig
-from .nn.lora import apply_lora, lora_gradients, lora_parameters
+from .nn.lora import apply_lora, lora_gradients, lora_modules, lora_parameters
 from .nn.quant import (
     QuantizedLinear, named_buffers, named_modules, quantize_linears, refresh_flat_parameters, set_submodule,
 )
@@ -80,6 +80,9 @@ def save_quantized(directory, model, config: dict, tokenizer=None, extra=None):
     layers = {path: m for path, m in named_modules(model) if isinstance(m, QuantizedLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no int8 layers (quantize_model first)")
+    if lora_modules(model):  # the checkpoint would not load: save the adapters with save_adapter
+        raise ValueError("save_quantized: the model has LoRA adapters; save them with save_adapter over the "
+                         "int8 base's checkpoint, or merge_lora and quantize_model to bake them in")
     group_sizes = sorted({str(m.group_size) for m in layers.values()})
     if len(group_sizes) > 1:
         raise ValueError(f"save_quantized: layers quantized with different group sizes {group_sizes}")

@@ -536,3 +536,36 @@ def test_merge_lora_is_all_or_none():
         merge_lora(model)
     assert not any(block.attn.c_attn.merged for block in model.transformer.h.items)
     np.testing.assert_array_equal(model.transformer.h.items[0].attn.c_attn.base.buffers["weight"], w0)
+
+
+def test_quantize_a_fine_tuned_model(tmp_path):
+    """merge_lora then quantize_model: the adapted layers become int8 copies of the MERGED weight (none is
+    skipped or left float), and the checkpoint loads; unmerged adapters are refused, not silently dropped."""
+    cfg = tiny_config()
+    model = GPT(cfg, seed=0)
+    apply_lora(model, "attn.c_attn", rank=2)
+    for v in lora_parameters(model).values():
+        v[...] = 0.2
+    with pytest.raises(ValueError, match="merge_lora"):
+        quantize_model(model)
+    idx, _ = batch()
+    merged_logits = model.forward(idx)[0]
+    merge_lora(model)
+    merged_weight = model.transformer.h.items[0].attn.c_attn.base.buffers["weight"].copy()
+    paths = quantize_model(model)
+    assert len(paths) == 8 and not lora_parameters(model)
+    layer = model.transformer.h.items[0].attn.c_attn
+    assert isinstance(layer, QuantizedLinear)
+    q, scale = quantize_int8(merged_weight)
+    np.testing.assert_array_equal(layer.buffers["weight_int8"], q)
+    assert rel(model.forward(idx)[0], merged_logits) < 0.05
+    save_quantized(tmp_path / "q", model, {"model": cfg.to_dict(), "train": {"dtype": "float32"}})
+    loaded, _, _ = model_from_checkpoint(tmp_path / "q")
+    np.testing.assert_array_equal(loaded.forward(idx)[0], model.forward(idx)[0])
+
+    qlora = GPT(cfg, seed=0)
+    quantize_model(qlora)
+    apply_lora(qlora, "attn.c_attn", rank=2)
+    with pytest.raises(ValueError, match="save_adapter"):
+        save_quantized(tmp_path / "q2", qlora, {"model": cfg.to_dict()})
+    assert not (tmp_path / "q2").exists()

@@ -179,15 +179,28 @@ def path_matches(path, pattern):
 def quantize_linears(model, group_size=None, targets=("*",)):
     """Replace every Linear / FrozenLinear whose path matches a pattern in ``targets`` by a QuantizedLinear.
 
-    Returns the quantized paths. The model's parameter buffers are rebuilt
-    (``flatten_parameters``) when it had them, so ``zero_grad`` and the
-    optimizer see exactly the parameters that remain.
+    A LoRA layer must be merged first (``merge_lora``): the whole layer is
+    then replaced by the int8 copy of its merged weight, so the fine-tuned
+    model is what gets quantized. An unmerged one is an error (its adapter
+    would be lost or left float). Returns the quantized paths. The model's
+    parameter buffers are rebuilt (``flatten_parameters``) when it had them,
+    so ``zero_grad`` and the optimizer see exactly the parameters that remain.
     """
     from .layers import Linear
+    from .lora import LoRALinear
 
     done = []
     for path, m in list(named_modules(model)):
-        if isinstance(m, (Linear, FrozenLinear)) and any(path_matches(path, t) for t in targets):
+        if any(path.startswith(p + ".") for p in done):
+            continue  # the frozen base inside a LoRA layer just replaced
+        if not any(path_matches(path, t) for t in targets):
+            continue
+        if isinstance(m, LoRALinear):
+            if not (m.merged and isinstance(m.base, FrozenLinear)):
+                raise ValueError(f"quantize: {path} has an unmerged LoRA adapter; merge_lora(model) first "
+                                 f"(or quantize before apply_lora, for QLoRA)")
+            m = m.base
+        if isinstance(m, (Linear, FrozenLinear)):
             set_submodule(model, path, QuantizedLinear.from_linear(m, group_size))
             done.append(path)
     if not done:
