@@ -73,8 +73,11 @@ def _train_tokenizer(args):
         ckpt = load_checkpoint(ckpt_dir)
         if ckpt.tokenizer:
             saved_sep = ckpt.config.get("train", {}).get("doc_sep")
-            if args.doc_sep is not None and doc_sep != saved_sep:
+            if args.doc_sep is not None and (doc_sep or None) != saved_sep:  # '' was recorded as None
                 raise ValueError(f"--resume: the checkpoint split documents at {saved_sep!r}, not {doc_sep!r}")
+            if args.tokenizer and args.tokenizer != ckpt.tokenizer.get("type"):
+                raise ValueError(f"--resume: the checkpoint's tokenizer is {ckpt.tokenizer.get('type')!r}, "
+                                 f"not --tokenizer {args.tokenizer!r}")
             return load_tokenizer(ckpt.tokenizer), saved_sep
     if kind == "bpe" and doc_sep is None:
         doc_sep = "\n\n"

@@ -216,6 +216,23 @@ def test_resume_keeps_the_tokenizer(trained, tmp_path):
               "--doc-sep", "\\n\\n", *more])
 
 
+def test_resume_accepts_its_own_settings_and_refuses_another_tokenizer(trained, tmp_path, capsys):
+    _, data, _, _ = trained
+    out = tmp_path / "run"
+    first = list(TINY)
+    first[first.index("--max-iters") + 1] = "6"
+    base = ["train", "--preset", "neuraflux", "--vocab-size", "300", "--data", str(data), "--out-dir", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(base + ["--doc-sep", "", *first])                 # one document: recorded as doc_sep None
+        main(base + ["--doc-sep", "", "--resume", *TINY])      # the same '' again resumes
+    _, _, c = model_from_checkpoint(out / "ckpt")
+    assert c.step == 12 and c.config["train"]["doc_sep"] is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit):                            # not silently trained on as BPE
+        main(base + ["--tokenizer", "char", "--resume", *TINY])
+    assert "checkpoint's tokenizer is 'bpe'" in capsys.readouterr().err
+
+
 def test_char_training_is_unchanged_and_beams_too(tmp_path, capsys):
     data = tmp_path / "c.txt"
     data.write_text(TEXT, encoding="utf-8")
