@@ -14,6 +14,7 @@ adapter over a quantized base is QLoRA-style fine-tuning.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,10 @@ def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, 
     """
     base = Path(base_checkpoint).resolve()
     adapter = {**lora, "base_checkpoint": str(base), "base_sha256": sha256_file(base / "model.safetensors")}
-    config = {"model": model.config.to_dict(), "adapter": adapter, "train": train or {}}
+    # The base's document separator, so `npflux eval` of the adapter packs text as the base (and finetune) did.
+    base_train = json.loads((base / "meta.json").read_text(encoding="utf-8"))["config"].get("train", {})
+    train = {**(train or {}), "doc_sep": base_train.get("doc_sep")}
+    config = {"model": model.config.to_dict(), "adapter": adapter, "train": train}
     return save_checkpoint(directory, model_state=lora_parameters(model), config=config, tokenizer=tokenizer,
                            extra=extra)
 
@@ -176,10 +180,17 @@ def special_from_checkpoint(ckpt, directory, backend=None, dtype=None):
 # ---------------------------------------------------------------------------
 
 
-def encode_for(tokenizer, text, unknown="error"):
-    """(ids, text actually used). A character tokenizer cannot encode characters outside its
-    vocabulary: ``unknown="error"`` says which ones; ``"drop"`` removes them (and says how many)."""
+def encode_for(tokenizer, text, unknown="error", doc_sep=None):
+    """(ids, text actually used, characters dropped). A character tokenizer cannot encode characters
+    outside its vocabulary: ``unknown="error"`` says which ones; ``"drop"`` removes them (and counts them).
+
+    The ids are laid out as the model was trained (``npflux.data.pack_documents``): for a tokenizer
+    with [BOS]/[EOS] (BPE), ``[BOS] doc [EOS]`` per document of ``text`` split at ``doc_sep``, the
+    base checkpoint's ``config["train"]["doc_sep"]`` (``checkpoint_doc_sep``).
+    """
     import numpy as np
+
+    from .data import pack_documents
 
     dropped = 0
     if unknown not in ("error", "drop"):
@@ -195,7 +206,12 @@ def encode_for(tokenizer, text, unknown="error"):
             kept = "".join(c for c in text if c in vocab)
             dropped = len(text) - len(kept)
             text = kept
-    return np.asarray(tokenizer.encode(text), dtype=np.int64), text, dropped
+    return np.asarray(pack_documents(tokenizer, text, doc_sep), dtype=np.int64), text, dropped
+
+
+def checkpoint_doc_sep(ckpt):
+    """Where the checkpoint's model was trained to see document boundaries (None: one running text)."""
+    return ckpt.config.get("train", {}).get("doc_sep")
 
 
 def split_text(text, val_fraction=0.1, how="tail"):

@@ -569,3 +569,37 @@ def test_quantize_a_fine_tuned_model(tmp_path):
     with pytest.raises(ValueError, match="save_adapter"):
         save_quantized(tmp_path / "q2", qlora, {"model": cfg.to_dict()})
     assert not (tmp_path / "q2").exists()
+
+
+def test_bpe_base_finetune_and_quantize_pack_documents_as_training_did(tmp_path, capsys):
+    """A BPE model trained on [BOS] doc [EOS] documents (doc_sep "\\n"): finetune and quantize score and train
+    on the text packed the same way, and `npflux eval` of the adapter splits documents as the base's does."""
+    from npflux.cli import main
+    from npflux.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train([TEXT], vocab_size=300)
+    cfg = tiny_config(vocab_size=tok.vocab_size, n_embd=16, block_size=16)
+    save_checkpoint(tmp_path / "base", GPT(cfg, seed=0).state_dict(),
+                    {"model": cfg.to_dict(), "train": {"dtype": "float32", "doc_sep": "\n"}}, tokenizer=tok)
+    data, val = tmp_path / "new.txt", tmp_path / "val.txt"
+    data.write_text(TEXT)
+    val.write_text(split_text(TEXT, 0.1, "tail")[1])
+
+    def evaluate(ckpt, text):
+        capsys.readouterr()
+        main(["eval", "--checkpoint", str(ckpt), "--text", str(text)])
+        return json.loads(capsys.readouterr().out)
+
+    main(["finetune", "--checkpoint", str(tmp_path / "base"), "--data", str(data), "--lora-rank", "2", "--max-iters", "3",
+          "--out-dir", str(tmp_path / "ft"), "--quiet", "--sample-tokens", "5"])
+    summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    base_val = evaluate(tmp_path / "base", val)
+    assert summary["val_loss_before"] == pytest.approx(base_val["loss"], abs=1e-5)
+    adapter_val = evaluate(tmp_path / "ft" / "adapter", val)
+    assert adapter_val["chars"] == base_val["chars"] and adapter_val["tokens"] == base_val["tokens"]
+    assert adapter_val["loss"] == pytest.approx(summary["val_loss_after"], abs=1e-5)
+
+    main(["quantize", str(tmp_path / "base"), "--data", str(data), "--json", str(tmp_path / "q.json")])
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["val_loss_float"] == pytest.approx(base_val["loss"], abs=1e-5)
+    assert result["val_loss_int8"] == pytest.approx(evaluate(tmp_path / "base-int8", val)["loss"], abs=1e-5)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 def _quantize(args):
     from ..data import load_text
-    from ..finetune import encode_for, model_size, quantize_model, save_quantized, split_text, windows_loss
+    from ..finetune import (
+        checkpoint_doc_sep, encode_for, model_size, quantize_model, save_quantized, split_text, windows_loss,
+    )
     from ..train import model_from_checkpoint
 
     model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
@@ -26,7 +28,8 @@ def _quantize(args):
     out = Path(args.out or str(Path(args.checkpoint).resolve()) + "-int8")
     val_ids = None
     if args.data:
-        val_ids, _, _ = encode_for(tokenizer, split_text(load_text(args.data), args.val_fraction, "tail")[1])
+        val_text = split_text(load_text(args.data), args.val_fraction, "tail")[1]
+        val_ids, _, _ = encode_for(tokenizer, val_text, doc_sep=checkpoint_doc_sep(ckpt))
     before = model_size(model)
     loss_before = windows_loss(model, val_ids, progress="val loss, float") if val_ids is not None else None
     t0 = time.perf_counter()
@@ -61,9 +64,9 @@ def _quantize(args):
 
 
 def _finetune(args):
-    from ..backend import to_numpy
+    from ..cli import _print_sample
     from ..data import load_text
-    from ..finetune import FinetuneConfig, encode_for, finetune, save_adapter, split_text
+    from ..finetune import FinetuneConfig, checkpoint_doc_sep, encode_for, finetune, save_adapter, split_text
     from ..train import model_from_checkpoint
 
     model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
@@ -74,7 +77,8 @@ def _finetune(args):
                          f"({ckpt.config['adapter']['base_checkpoint']})")
     _, text, dropped = encode_for(tokenizer, load_text(args.data), unknown=args.unknown_chars)  # checks all of it
     train_text, val_text = split_text(text, args.val_fraction, args.val_split)
-    train_ids, val_ids = encode_for(tokenizer, train_text)[0], encode_for(tokenizer, val_text)[0]
+    doc_sep = checkpoint_doc_sep(ckpt)  # a BPE base saw [BOS] doc [EOS]: fine-tune on text laid out the same way
+    train_ids, val_ids = (encode_for(tokenizer, t, doc_sep=doc_sep)[0] for t in (train_text, val_text))
     if dropped:
         print(f"dropped {dropped} character(s) of {args.data} that are not in the model's vocabulary")
     if min(len(train_ids), len(val_ids)) < 2:
@@ -103,9 +107,8 @@ def _finetune(args):
           f"({100 * summary['trainable_fraction']:.2f}%)")
     print(f"adapter: {adapter_dir} ({summary['adapter_bytes'] / 1e3:.1f} kB)   summary: {out / 'finetune.json'}")
     if args.sample_tokens:
-        prompt = text[: min(8, len(text))]
-        idx = model.backend.asarray([tokenizer.encode(prompt)])
-        print(tokenizer.decode(to_numpy(model.generate(idx, args.sample_tokens, temperature=0.8, seed=args.seed))[0].tolist()))
+        _print_sample(model, tokenizer, text[: min(8, len(text))], args.sample_tokens, temperature=0.8, top_k=None,
+                      top_p=None, seed=args.seed)
 
 
 def add_parsers(sub):
