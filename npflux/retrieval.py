@@ -451,9 +451,8 @@ class DocumentIndex:
             k = min(k, int((s > 0).sum()))
             if k == 0:
                 return []
-        k = min(k, len(s))
-        top = np.argpartition(-s, k - 1)[:k]
-        top = top[np.lexsort((top, -s[top]))]  # by score, ties by passage order (deterministic)
+        # by score, ties by passage order (a full sort: argpartition would pick among ties at the cut arbitrarily)
+        top = np.lexsort((np.arange(len(s)), -s))[:k]
         return [SearchResult(r + 1, float(s[i]), int(i), self.passages[i].text, self.passages[i].line)
                 for r, i in enumerate(top.tolist())]
 
