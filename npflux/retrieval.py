@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -472,27 +473,30 @@ class DocumentIndex:
         import safetensors.numpy
 
         directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
-        safetensors.numpy.save_file(arrays, str(tmp / INDEX_ARRAYS))
-        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "method": self.method,
-                "source": self.source, "encoder": self.encoder_info,
-                "arrays_sha256": _sha256(tmp / INDEX_ARRAYS),
-                "passages": [asdict(p) for p in self.passages]}
-        with open(tmp / INDEX_JSON, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False)
+        if directory.exists() and not (directory / INDEX_JSON).is_file():
+            raise InvalidIndexError(f"{directory} exists and is not an npflux index; not overwriting it")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_sibling(directory, "tmp")
+        try:
+            arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
+            safetensors.numpy.save_file(arrays, str(tmp / INDEX_ARRAYS))
+            meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "method": self.method,
+                    "source": self.source, "encoder": self.encoder_info,
+                    "arrays_sha256": _sha256(tmp / INDEX_ARRAYS),
+                    "passages": [asdict(p) for p in self.passages]}
+            with open(tmp / INDEX_JSON, "w", encoding="utf-8") as f:
+                json.dump(meta, f, ensure_ascii=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         # swap in only when complete, so a crash never leaves half an index under the name
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = None
         if directory.exists():
-            if not (directory / INDEX_JSON).is_file():
-                shutil.rmtree(tmp)
-                raise InvalidIndexError(f"{directory} exists and is not an npflux index; not overwriting it")
-            os.rename(directory, old)
+            old = _fresh_sibling(directory, "old")
+            os.rename(directory, old / directory.name)
         os.rename(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @classmethod
@@ -519,6 +523,18 @@ class DocumentIndex:
         if docs is not None:
             index.check_source(docs)
         return index
+
+
+def _fresh_sibling(directory: Path, tag: str) -> Path:
+    """A new empty directory beside ``directory`` under a name no one else uses
+    (a fixed "NAME.tmp" could be a user's directory, and clearing it would lose it)."""
+    while True:
+        path = directory.parent / f".{directory.name}.{secrets.token_hex(4)}.{tag}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _sha256(path) -> str:

@@ -213,6 +213,19 @@ def test_damaged_index_and_foreign_directories_are_refused(tmp_path):
     assert (other / "precious.txt").read_text() == "keep me"
 
 
+def test_saving_leaves_neighbouring_directories_alone(tmp_path):
+    """The index is written beside its name and swapped in; directories named like scratch space are not."""
+    for name in ("idx.tmp", "idx.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "precious.txt").write_text("keep me")
+    index = DocumentIndex.build(split_passages(DOCS), "tfidf")
+    index.save(tmp_path / "idx")
+    index.save(tmp_path / "idx")                                   # replacing an index
+    for name in ("idx.tmp", "idx.old"):
+        assert (tmp_path / name / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "idx.old", "idx.tmp"]  # no scratch left
+    assert DocumentIndex.load(tmp_path / "idx").passages == index.passages
+
 def test_model_index_needs_the_same_model(tmp_path):
     tok = CharTokenizer(DOCS)
     model = tiny_model(tok, seed=1)
