@@ -53,7 +53,7 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     return xp.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, name):
+def _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, name):
     """idx as a (B, T) array of the model's backend, after checking every sampling argument.
 
     Checked up front, so a bad argument fails even when it would go unused
@@ -71,6 +71,8 @@ def _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, name)
         raise ValueError(f"top_k must be positive, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_id is not None and not 0 <= eos_id < model.config.vocab_size:  # it could never be sampled
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {model.config.vocab_size})")
     return idx
 
 
@@ -119,7 +121,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     n = max_new_tokens, or fewer when ``eos_id`` is given and every row has
     produced it (a row that finished first runs on; cut it at its [EOS]).
     """
-    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, "generate")
+    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, "generate")
     steps = _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, None)
     return model.xp.concatenate([idx] + [nxt[:, None] for nxt in steps], axis=1)
 
@@ -135,7 +137,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     around each forward, because the modules keep per-forward state for backward on
     themselves and two forwards at once would overwrite each other's.
     """
-    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, "generate_stream")
+    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, "generate_stream")
     steps = _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, True, eos_id, lock)
     return (to_numpy(nxt).astype("int64") for nxt in steps)
 
@@ -280,8 +282,13 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
 
 def sequence_logprob(model, idx, continuation):
     """log p(continuation | idx), summed over its tokens (float64), each token seen with at most block_size before it."""
-    prompt = np.asarray(to_numpy(idx)).reshape(-1).astype(np.int64)
-    cont = np.asarray(to_numpy(continuation)).reshape(-1).astype(np.int64)
+    prompt, cont = np.asarray(to_numpy(idx)).reshape(-1), np.asarray(to_numpy(continuation)).reshape(-1)
+    check_int(prompt, "sequence_logprob: idx")  # a float id would be truncated to a different token
+    if cont.size:  # (an empty list is float64 to NumPy)
+        check_int(cont, "sequence_logprob: continuation")
+    if prompt.size == 0:
+        raise ValueError("sequence_logprob: idx must hold at least one token to condition on")
+    prompt, cont = prompt.astype(np.int64), cont.astype(np.int64)
     seq = np.concatenate([prompt, cont])
     block = model.config.block_size
     was_training = model.training

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npflux.generate import beam_search, sequence_logprob
+from npflux.generate import beam_search, generate_stream, sequence_logprob
 from npflux.models import GPT, GPTConfig
 
 
@@ -167,6 +167,21 @@ def test_bad_arguments_are_clear_errors():
     seqs, scores = beam_search(model, [1, 2], 2, 0)
     assert [s.tolist() for s in seqs] == [[1, 2]] and scores == [0.0]
 
+
+def test_sequence_logprob_and_sampling_refuse_what_they_would_misread():
+    model = tiny()
+    with pytest.raises(TypeError, match="idx"):
+        sequence_logprob(model, np.array([1.7]), np.array([2]))        # would have been scored as token 1
+    with pytest.raises(TypeError, match="continuation"):
+        sequence_logprob(model, np.array([1]), np.array([2.5]))
+    with pytest.raises(ValueError, match="at least one token"):
+        sequence_logprob(model, np.zeros(0, dtype=np.int64), np.array([2]))
+    assert sequence_logprob(model, [1], []) == 0.0
+    for eos_id in (5, -1):  # an eos_id no token can equal would never stop anything
+        with pytest.raises(ValueError, match="eos_id"):
+            model.generate(np.array([[1]]), 3, eos_id=eos_id)
+        with pytest.raises(ValueError, match="eos_id"):
+            generate_stream(model, np.array([[1]]), 3, eos_id=eos_id)
 
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(1, 12))
 def test_top_candidates_are_a_stable_sort_with_ties(values, n):
