@@ -109,7 +109,7 @@ def _sample(args):
     model, tokenizer = _load(args)
     if args.prompt is None:  # a BPE model starts a document from [BOS] alone; a char model needs a character
         args.prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n"
-    if args.beam:
+    if args.beam is not None:  # (--beam 0 is an error there, not a silent switch to sampling)
         return _print_beams(model, tokenizer, args)
     for _ in range(args.num_samples):
         _print_sample(model, tokenizer, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,

@@ -194,6 +194,9 @@ def test_bad_beam_requests_are_clear_errors(trained, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--checkpoint", str(ckpt), "--beam", "2", "--num-samples", "3"])
     assert "more than the --beam" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--checkpoint", str(ckpt), "--beam", "0"])
+    assert "beam_width must be >= 1" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_tokenizer(trained, tmp_path):
