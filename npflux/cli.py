@@ -109,7 +109,7 @@ def _sample(args):
     model, tokenizer = _load(args)
     if args.prompt is None:  # a BPE model starts a document from [BOS] alone; a char model needs a character
         args.prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n"
-    if args.beam is not None:  # (--beam 0 is an error there, not a silent switch to sampling)
+    if args.beam is not None:  # (--beam 0 is an error, not a silent switch to sampling)
         return _print_beams(model, tokenizer, args)
     for _ in range(args.num_samples):
         _print_sample(model, tokenizer, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
@@ -121,6 +121,8 @@ def _print_beams(model, tokenizer, args):
     """The best --num-samples beams, best first; each beam's score goes to stderr."""
     from .tokenizers import decode_text, encode_prompt
 
+    if args.beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {args.beam}")
     if args.num_samples > args.beam:
         raise ValueError(f"--num-samples {args.num_samples} is more than the --beam {args.beam} beams kept")
     eos = None if args.ignore_eos else getattr(tokenizer, "eos_id", None)

@@ -196,7 +196,7 @@ def test_bad_beam_requests_are_clear_errors(trained, capsys):
     assert "more than the --beam" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--checkpoint", str(ckpt), "--beam", "0"])
-    assert "beam_width must be >= 1" in capsys.readouterr().err
+    assert "--beam must be >= 1" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_tokenizer(trained, tmp_path):
