@@ -348,9 +348,11 @@ def log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+@pytest.mark.parametrize("memory_cache", [False, True])
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
-def test_cached_decoding_steps_equal_the_full_forward(positions):
-    """Each step with the key/value cache gives the full teacher-forced forward's log-probabilities."""
+def test_cached_decoding_steps_equal_the_full_forward(positions, memory_cache):
+    """Each step with the key/value cache (and the memory's, projected once) gives the full
+    teacher-forced forward's log-probabilities."""
     rng = np.random.default_rng(0)
     m = small_model(positions=positions).eval()
     c = m.config
@@ -360,9 +362,51 @@ def test_cached_decoding_steps_equal_the_full_forward(positions):
     full, _ = m.forward(src, tgt)
     memory, src_mask = m.encode(src)
     caches = m.new_kv_caches(3)
+    memory_caches = m.new_kv_caches(3, length=memory.shape[1]) if memory_cache else None
     for t in range(c.tgt_block_size):
-        step = m._step(m.backend.asarray(tgt[:, t]), memory, src_mask, caches)
+        step = m._step(m.backend.asarray(tgt[:, t]), memory, src_mask, caches, memory_caches)
         np.testing.assert_allclose(step, log_softmax(full[:, t]), rtol=0, atol=1e-12)
+
+
+def test_decoding_projects_the_memory_once_per_source():
+    """The cross-attentions' key/value projection runs once per decode, not once per step; the beams
+    still equal decoding that projects the memory at every step."""
+    rng = np.random.default_rng(5)
+    m = small_model(seed=5, V=7).eval()
+    src = sources(rng, m.config, B=4)
+    calls = []
+    kv_projs = [layer.cross_attn.kv_proj for layer in m.transformer.decoder.layers.items]
+    for proj in kv_projs:
+        proj.forward = lambda x, proj=proj: calls.append(x.shape) or type(proj).forward(proj, x)
+    try:
+        beams = m.beam_decode(src, beam_size=3, max_len=5)
+    finally:
+        for proj in kv_projs:
+            del proj.forward
+    assert calls == [(4 * 3, 6, m.config.n_embd)] * m.config.n_decoder_layer
+    step = m._step  # the same search, projecting the memory at every step (no memory caches)
+    m._step = lambda tokens, memory, src_mask, caches, memory_caches=None: step(tokens, memory, src_mask, caches)
+    try:
+        assert m.beam_decode(src, beam_size=3, max_len=5) == beams
+    finally:
+        del m._step
+
+
+def test_cross_attention_cache_holds_one_context():
+    """A cross-attention cache is filled by the first call and read back; a context of another shape is refused."""
+    from npflux.nn import KVCache, MultiHeadAttention
+
+    rng = np.random.default_rng(2)
+    attn = randomize(MultiHeadAttention(6, 2, cross=True, dtype="float64"), rng).eval()
+    x, context = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 5, 6))
+    full = attn.forward(x, context=context)
+    cache = KVCache(np, 2, 2, 5, 3, np.float64)
+    for t in range(4):
+        np.testing.assert_allclose(attn.forward(x[:, t : t + 1], context=context, kv_cache=cache), full[:, t : t + 1],
+                                   rtol=1e-13, atol=1e-14)
+    assert cache.length == 5
+    with pytest.raises(ValueError, match="holds a context of"):
+        attn.forward(x[:, :1], context=context[:, :4], kv_cache=cache)
 
 
 def test_greedy_is_the_argmax_loop():

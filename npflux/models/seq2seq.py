@@ -13,7 +13,8 @@ keys skip padded source positions, the decoder's keys skip padded target
 positions, and its self-attention is causal.
 
 Decoding is greedy or beam search, step by step with a key/value cache of
-the decoder's self-attention.
+the decoder's self-attention, and one of the memory's keys and values for
+each cross-attention (projected at the first step, not at every step).
 """
 from __future__ import annotations
 
@@ -226,15 +227,22 @@ class Seq2SeqTransformer(Module):
         x, _ = self._embed("src", src)
         return self.transformer.encoder.forward(x, src_mask), src_mask
 
-    def new_kv_caches(self, batch):
+    def new_kv_caches(self, batch, length=None):
+        """One KVCache per decoder layer, of ``length`` positions (default tgt_block_size: the self-attention's;
+        a memory's length S for the cross-attention's)."""
         c = self.config
-        return [KVCache(self.xp, batch, c.n_head, c.tgt_block_size, c.n_embd // c.n_head, self.dtype)
+        return [KVCache(self.xp, batch, c.n_head, length or c.tgt_block_size, c.n_embd // c.n_head, self.dtype)
                 for _ in range(c.n_decoder_layer)]
 
-    def _step(self, tokens, memory, src_mask, caches):
-        """Log-probabilities (B, V) of the token after ``tokens`` (B,), the newest decoder input."""
+    def _step(self, tokens, memory, src_mask, caches, memory_caches=None):
+        """Log-probabilities (B, V) of the token after ``tokens`` (B,), the newest decoder input.
+
+        ``caches`` hold the decoder's own keys and values; ``memory_caches`` (optional) the memory's,
+        projected at the first step only.
+        """
         x, _ = self._embed("tgt", tokens[:, None], offset=caches[0].length)
-        y = self.transformer.decoder.forward(x, memory, memory_mask=src_mask, kv_caches=caches)
+        y = self.transformer.decoder.forward(x, memory, memory_mask=src_mask, kv_caches=caches,
+                                             memory_kv_caches=memory_caches)
         logits, _ = ops.linear_forward(y[:, -1], self._head_weight()[0].T)
         logits = logits - logits.max(axis=-1, keepdims=True)
         return logits - self.xp.log(self.xp.exp(logits).sum(axis=-1, keepdims=True))
@@ -277,6 +285,9 @@ class Seq2SeqTransformer(Module):
             memory = memory[rows]
             src_mask = None if src_mask is None else src_mask[rows]
             caches = self.new_kv_caches(B * K)
+            # the memory's keys and values, once per source: the beams of a source share its rows, so
+            # reordering the beams (below) leaves them as they are
+            memory_caches = self.new_kv_caches(B * K, length=memory.shape[1])
             tokens = xp.full(B * K, c.bos_id, dtype="int64")
             history = xp.zeros((B * K, 0), dtype="int64")
             # only the first copy of each source is live at the start, so the beams do not repeat it
@@ -285,7 +296,7 @@ class Seq2SeqTransformer(Module):
             finished = xp.zeros(B * K, dtype=bool)
             lengths = xp.zeros(B * K, dtype="int64")
             for _ in range(max_len):
-                logp = self._step(tokens, memory, src_mask, caches).astype("float64")
+                logp = self._step(tokens, memory, src_mask, caches, memory_caches).astype("float64")
                 # padding and BOS are never outputs; a finished hypothesis continues with padding at no cost
                 logp[:, [c.pad_id, c.bos_id]] = -xp.inf
                 logp = xp.where(finished[:, None], -xp.inf, logp)

@@ -68,7 +68,13 @@ class MultiHeadAttention(Module):
         self.weights = None
 
     def forward(self, x, context=None, mask=None, kv_cache=None):
-        """x (B, T, C); context (B, S, C) for cross-attention; mask broadcastable to (B, H, T, S)."""
+        """x (B, T, C); context (B, S, C) for cross-attention; mask broadcastable to (B, H, T, S).
+
+        ``kv_cache``: in self-attention it gathers the keys and values of every
+        position fed so far; in cross-attention it holds the context's, projected
+        at the first call and read back at the later ones (a decoder then
+        projects its memory once per source, not once per step).
+        """
         if x.ndim != 3:
             raise ValueError(f"attention input must be (B, T, C), got shape {x.shape}")
         H = self.n_head
@@ -76,11 +82,20 @@ class MultiHeadAttention(Module):
             if context is None:
                 raise ValueError("cross-attention needs a context (the encoder output)")
             q = split_heads(self.q_proj.forward(x), H)
-            k, v = (split_heads(a, H) for a in self._split(self.kv_proj.forward(context), 2))
+            if kv_cache is not None and kv_cache.length:
+                cached = (kv_cache.k.shape[0], kv_cache.length)
+                if tuple(context.shape[:2]) != cached:
+                    raise ValueError(f"the cross-attention cache holds a context of (B, S) = {cached}, "
+                                     f"got one of {tuple(context.shape[:2])}")
+                k, v = kv_cache.k[:, :, : kv_cache.length], kv_cache.v[:, :, : kv_cache.length]
+            else:
+                k, v = (split_heads(a, H) for a in self._split(self.kv_proj.forward(context), 2))
+                if kv_cache is not None:
+                    k, v = kv_cache.append(k, v)
         else:
             q, k, v = (split_heads(a, H) for a in self._split(self.c_attn.forward(x), 3))
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)
         y, self.attn_cache = ops.attention_forward(q, k, v, causal=self.causal, mask=mask)
         self.weights = self.attn_cache[3]  # (B, H, T, S), kept for heat maps and activation capture
         return self.dropout.forward(self.c_proj.forward(merge_heads(y)))

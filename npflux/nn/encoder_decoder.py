@@ -75,16 +75,20 @@ class TransformerDecoder(Module):
             for _ in range(n_layer)], **kw)
         self.ln_f = LayerNorm(dim, eps, **kw)
 
-    def forward(self, y, memory, mask=None, memory_mask=None, kv_caches=None):
+    def forward(self, y, memory, mask=None, memory_mask=None, kv_caches=None, memory_kv_caches=None):
         """y (B, T, C), memory (B, S, C); mask (B, T) and memory_mask (B, S), True = real token.
 
         With ``kv_caches`` (one KVCache per layer) y holds only the new
         positions and the self-attention sees the cached ones too (decoding).
+        With ``memory_kv_caches`` (one KVCache of S positions per layer) each
+        cross-attention projects the memory's keys and values at the first
+        step and reuses them at the next ones: the memory is the same at every step.
         """
         self_mask, cross_mask = key_padding_mask(mask), key_padding_mask(memory_mask)
         for i, layer in enumerate(self.layers.items):
             y = layer.forward(y, context=memory, mask=self_mask, context_mask=cross_mask,
-                              kv_cache=None if kv_caches is None else kv_caches[i])
+                              kv_cache=None if kv_caches is None else kv_caches[i],
+                              context_kv_cache=None if memory_kv_caches is None else memory_kv_caches[i])
         return self.ln_f.forward(y)
 
     def backward(self, dout):
