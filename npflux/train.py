@@ -311,6 +311,8 @@ def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
 
     from .data import count_chars, pack_documents
 
+    if not text:  # BPE would still score [EOS] after [BOS]: a loss over no characters at all
+        raise ValueError("evaluate_text: the text is empty")
     ids = _host.asarray(pack_documents(tokenizer, text, doc_sep), dtype=_host.int64)
     T = model.config.block_size
     if len(ids) < 2:

@@ -113,6 +113,8 @@ def test_evaluate_text_bits_per_char_with_bpe(bpe):
                           bpe, short, doc_sep="\n")
     assert whole["chars"] == len(short)
     assert whole["tokens"] == len(bpe.encode(short)) + 1  # every text token and the final [EOS]
+    with pytest.raises(ValueError, match="empty"):  # not a loss and bits per character over 0 characters
+        evaluate_text(model, bpe, "", doc_sep="\n")
 
 
 # ---------------------------------------------------------------------------
