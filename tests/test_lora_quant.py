@@ -512,9 +512,15 @@ def test_commands(tmp_path, capsys):
     result = json.loads((tmp_path / "q.json").read_text())
     assert result["size_mb_int8"] < result["size_mb_float"] and "val_loss_increase" in result
     assert (tmp_path / "base-int8" / "meta.json").is_file()
+    val = tmp_path / "val.txt"
+    val.write_text(split_text(TEXT, 0.1, "tail")[1])  # what quantize scored: the last tenth
     capsys.readouterr()
-    main(["eval", "--checkpoint", str(tmp_path / "base-int8"), "--text", str(data)])
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["val_loss_int8"], abs=0.5)
+    main(["eval", "--checkpoint", str(tmp_path / "base-int8"), "--text", str(val)])
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["val_loss_int8"], abs=1e-5)
+    before = (base_dir / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["quantize", str(base_dir), "--out", str(base_dir)])
+    assert "replace it" in capsys.readouterr().err and (base_dir / "model.safetensors").read_bytes() == before
     main(["finetune", "--checkpoint", str(base_dir), "--data", str(data), "--lora-rank", "2", "--max-iters", "5",
           "--targets", "attn.c_attn[q,v],mlp.c_fc", "--out-dir", str(tmp_path / "ft"), "--quiet", "--sample-tokens", "10"])
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())

@@ -26,6 +26,8 @@ def _quantize(args):
     if "quantization" in ckpt.config or "adapter" in ckpt.config:
         raise ValueError(f"{args.checkpoint} is already a quantized or adapter checkpoint; quantize the float model")
     out = Path(args.out or str(Path(args.checkpoint).resolve()) + "-int8")
+    if out.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--out {out} is the float checkpoint itself; writing there would replace it")
     val_ids = None
     if args.data:
         val_text = split_text(load_text(args.data), args.val_fraction, "tail")[1]
@@ -90,9 +92,11 @@ def _finetune(args):
                          eval_interval=args.eval_interval, seed=args.seed, progress=not args.quiet)
     base_kind = "int8 (QLoRA-style)" if "quantization" in ckpt.config else str(model.dtype)
     print(f"data: {args.data} ({len(train_ids):,} train / {len(val_ids):,} val tokens, {args.val_split} split); base {base_kind}")
-    summary = finetune(model, train_ids, val_ids, cfg)
     out = Path(args.out_dir)
     adapter_dir = out / "adapter"
+    if adapter_dir.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"{adapter_dir} is the base checkpoint itself; pick another --out-dir")
+    summary = finetune(model, train_ids, val_ids, cfg)
     save_adapter(adapter_dir, model, args.checkpoint,
                  {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(targets), "seed": cfg.seed},
                  tokenizer=ckpt.tokenizer, train=summary["config"],
