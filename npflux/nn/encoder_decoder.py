@@ -30,8 +30,10 @@ def key_padding_mask(mask):
     return None if mask is None else mask[:, None, None, :]
 
 
-class TransformerEncoder(Module):
-    """memory = ln_f(Block_N(... Block_1(x))), every Block non-causal self-attention."""
+class _Stack(Module):
+    """n_layer Blocks (``layers``) and a final LayerNorm (``ln_f``): the parts both stacks share."""
+
+    causal = cross_attention = False
 
     def __init__(self, dim, n_head, n_layer, activation="relu", bias=True, qkv_bias=True, dropout=0.0, eps=1e-5,
                  hidden=None, proj_std=INIT_STD, rng=None, dropout_rng=None, backend=None, dtype=None):
@@ -40,10 +42,15 @@ class TransformerEncoder(Module):
         dropout_rng = dropout_rng if dropout_rng is not None else self.backend.rng(0)
         kw = dict(backend=backend, dtype=dtype)
         self.layers = _Layers([
-            Block(dim, n_head, causal=False, activation=activation, bias=bias, qkv_bias=qkv_bias, dropout=dropout,
-                  eps=eps, hidden=hidden, proj_std=proj_std, rng=rng, dropout_rng=dropout_rng, **kw)
+            Block(dim, n_head, causal=self.causal, cross_attention=self.cross_attention, activation=activation,
+                  bias=bias, qkv_bias=qkv_bias, dropout=dropout, eps=eps, hidden=hidden, proj_std=proj_std, rng=rng,
+                  dropout_rng=dropout_rng, **kw)
             for _ in range(n_layer)], **kw)
         self.ln_f = LayerNorm(dim, eps, **kw)
+
+
+class TransformerEncoder(_Stack):
+    """memory = ln_f(Block_N(... Block_1(x))), every Block non-causal self-attention."""
 
     def forward(self, x, mask=None):
         """x (B, S, C), mask (B, S) True = real token -> memory (B, S, C)."""
@@ -59,21 +66,10 @@ class TransformerEncoder(Module):
         return dx
 
 
-class TransformerDecoder(Module):
+class TransformerDecoder(_Stack):
     """out = ln_f(Block_M(... Block_1(y, memory))), causal self-attention plus cross-attention."""
 
-    def __init__(self, dim, n_head, n_layer, activation="relu", bias=True, qkv_bias=True, dropout=0.0, eps=1e-5,
-                 hidden=None, proj_std=INIT_STD, rng=None, dropout_rng=None, backend=None, dtype=None):
-        super().__init__(backend, dtype)
-        rng = _host_rng(rng)
-        dropout_rng = dropout_rng if dropout_rng is not None else self.backend.rng(0)
-        kw = dict(backend=backend, dtype=dtype)
-        self.layers = _Layers([
-            Block(dim, n_head, causal=True, cross_attention=True, activation=activation, bias=bias,
-                  qkv_bias=qkv_bias, dropout=dropout, eps=eps, hidden=hidden, proj_std=proj_std, rng=rng,
-                  dropout_rng=dropout_rng, **kw)
-            for _ in range(n_layer)], **kw)
-        self.ln_f = LayerNorm(dim, eps, **kw)
+    causal = cross_attention = True
 
     def forward(self, y, memory, mask=None, memory_mask=None, kv_caches=None, memory_kv_caches=None):
         """y (B, T, C), memory (B, S, C); mask (B, T) and memory_mask (B, S), True = real token.
