@@ -15,7 +15,8 @@ Two ways to embed a passage:
   are cut into block-sized windows, each run on its own. By default the mean
   vector of all passages is subtracted before normalising ("centering"): a
   language model's hidden states share a large common direction that makes
-  every cosine similarity close to 1 and the ranking noisy.
+  every cosine similarity close to 1 and the ranking noisy. (A single
+  passage is not centered: minus its own mean it would be zero.)
 
 An index is saved as a directory (``index.json`` + ``arrays.safetensors``)
 that records the SHA-256 of the documents it was built from and, for model
@@ -362,6 +363,7 @@ class DocumentIndex:
                 raise ValueError("model embeddings need a model and its tokenizer (a checkpoint)")
             enc = ModelEncoder(model, tokenizer, batch_size=batch_size, lock=lock)
             emb = enc.embed(texts, progress=progress)
+            center = center and len(emb) > 1  # one passage minus its own mean is zero: nothing left to compare
             mean = emb.mean(axis=0) if center else np.zeros(emb.shape[1], np.float32)
             arrays = {"embeddings": _unit_rows(emb - mean), "mean": mean.astype(np.float32)}
             info = {"fingerprint": model_fingerprint(model), "center": bool(center),

@@ -177,6 +177,14 @@ def test_model_index_finds_an_exact_copy_of_a_passage():
         assert best.line == p.line and best.score == pytest.approx(1.0, abs=1e-5)
 
 
+
+def test_a_one_passage_model_index_still_finds_its_passage():
+    tok = CharTokenizer(DOCS)
+    index = DocumentIndex.build([Passage("The cat sat on the mat.", 1)], "model", model=tiny_model(tok), tokenizer=tok)
+    assert not index.encoder_info["center"]                 # centering would leave a zero vector
+    hits = index.search("The cat sat on the mat.", 3)
+    assert [h.line for h in hits] == [1] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
 # -- the index on disk --------------------------------------------------------------------
 
 
