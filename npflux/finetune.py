@@ -119,9 +119,12 @@ def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, 
                  extra=None):
     """An adapter-only checkpoint: the adapters' A and B, and the base checkpoint they belong to.
 
-    ``lora`` holds rank, alpha, targets and seed. The base is recorded by its
-    absolute path and the SHA-256 of its model.safetensors, which loading checks.
+    ``lora`` holds rank, alpha, targets and seed: loading re-applies it, so it
+    must describe the model's adapters (checked here, or they would load with
+    another scaling, or not at all). The base is recorded by its absolute path
+    and the SHA-256 of its model.safetensors, which loading checks.
     """
+    _check_adapter_description(model, lora)
     base = Path(base_checkpoint).resolve()
     adapter = {**lora, "base_checkpoint": str(base), "base_sha256": sha256_file(base / "model.safetensors")}
     # The base's document separator, so `npflux eval` of the adapter packs text as the base (and finetune) did.
@@ -130,6 +133,22 @@ def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, 
     config = {"model": model.config.to_dict(), "adapter": adapter, "train": train}
     return save_checkpoint(directory, model_state=lora_parameters(model), config=config, tokenizer=tokenizer,
                            extra=extra)
+
+
+def _check_adapter_description(model, lora):
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
+    for path, m in layers:
+        if m.rank != lora["rank"] or m.alpha != float(lora["alpha"]):
+            raise ValueError(f"save_adapter: {path} has rank {m.rank} and alpha {m.alpha}, "
+                             f"but the description says rank {lora['rank']} and alpha {lora['alpha']}")
+    again = GPT(model.config, backend=model.backend)  # what loading will build
+    apply_lora(again, lora["targets"], rank=lora["rank"], alpha=lora["alpha"])
+    expected = {k: v.shape for k, v in lora_parameters(again).items()}
+    if expected != {k: v.shape for k, v in lora_parameters(model).items()}:
+        raise ValueError(f"save_adapter: targets {list(lora['targets'])} do not give the model's adapters "
+                         f"({', '.join(path for path, _ in layers[:4])}{' ...' if len(layers) > 4 else ''})")
 
 
 def _with_adapter(ckpt, directory, backend=None, dtype=None, base_checkpoint=None):

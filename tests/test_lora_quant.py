@@ -614,3 +614,24 @@ def test_bpe_base_finetune_and_quantize_pack_documents_as_training_did(tmp_path,
     result = json.loads((tmp_path / "q.json").read_text())
     assert result["val_loss_float"] == pytest.approx(base_val["loss"], abs=1e-5)
     assert result["val_loss_int8"] == pytest.approx(evaluate(tmp_path / "base-int8", val)["loss"], abs=1e-5)
+
+
+def test_save_adapter_checks_its_description(tmp_path):
+    """Loading re-applies the saved rank / alpha / targets: a description that differs from the model's adapters
+    would load with another scaling (silently) or not at all, so saving refuses it."""
+    base_dir, tok = make_base(tmp_path)
+    model, _, _ = model_from_checkpoint(base_dir)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_adapter(tmp_path / "a", model, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
+    apply_lora(model, ["attn.c_attn[q,v]"], rank=2, alpha=4)
+    for bad in ({"rank": 2, "alpha": 8, "targets": ["attn.c_attn[q,v]"]},
+                {"rank": 4, "alpha": 4, "targets": ["attn.c_attn[q,v]"]}):
+        with pytest.raises(ValueError, match="description says"):
+            save_adapter(tmp_path / "a", model, base_dir, bad)
+    with pytest.raises(ValueError, match="do not give"):
+        save_adapter(tmp_path / "a", model, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
+    assert not (tmp_path / "a").exists()
+    save_adapter(tmp_path / "a", model, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn[q,v]"]})
+    assert model_from_checkpoint(tmp_path / "a")[0].transformer.h.items[0].attn.c_attn.scaling == 2.0
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        apply_lora(GPT(tiny_config(), seed=0), "attn.c_attn", rank=2, alpha=0)

@@ -58,6 +58,8 @@ class LoRALinear(Module):
                                  f"({n_in} x {stop - start})")
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
+        if not self.alpha > 0:  # 0 would make the adapter (and its gradients) vanish: training would do nothing
+            raise ValueError(f"LoRA alpha must be positive, got {alpha}")
         self.scaling = self.alpha / self.rank
         self.base = base
         rng = rng if rng is not None else get_backend("numpy").rng(0)
