@@ -64,7 +64,7 @@ def _train_tokenizer(args):
     from .train import PRESET_TOKENIZERS
 
     kind = args.tokenizer or PRESET_TOKENIZERS.get(args.preset, "char")
-    doc_sep = None if args.doc_sep is None else args.doc_sep.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    doc_sep = None if args.doc_sep is None else _unescape(args.doc_sep)
     ckpt_dir = os.path.join(args.out_dir or "out", "ckpt")
     if args.resume and os.path.isfile(os.path.join(ckpt_dir, "meta.json")):
         from .checkpoint import load_checkpoint
@@ -82,6 +82,11 @@ def _train_tokenizer(args):
     if kind == "bpe" and doc_sep is None:
         doc_sep = "\n\n"
     return kind, doc_sep or None
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes of a command-line string turned into characters ('\\n' -> newline); the rest kept."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def _print_sample(model, tokenizer, prompt, n, stop_at_eos=True, **kw):
@@ -143,7 +148,7 @@ def _eval(args):
         sys.exit(f"{args.checkpoint} has no tokenizer; cannot encode text")
     # split documents as training did, so [EOS] predictions are scored where they were learned
     doc_sep = ckpt.config.get("train", {}).get("doc_sep") if args.doc_sep is None else \
-        (args.doc_sep.encode("latin-1", "backslashreplace").decode("unicode_escape") or None)
+        (_unescape(args.doc_sep) or None)
     result = evaluate_text(model, tokenizer, load_text(args.text), doc_sep=doc_sep)
     print(json.dumps(result, indent=2))
 
