@@ -505,6 +505,21 @@ def test_a_source_of_nothing_but_padding_is_an_error():
         exact_match(model, task.tokenizer, [("\0\0", "1998-03-03")])
 
 
+def test_decoding_between_forward_and_backward_is_an_error():
+    """Decoding overwrites the layers' caches: a backward of the earlier loss must refuse, not use them.
+    (Batch 1, one target position, one decoding step: every cache has the forward's shapes.)"""
+    m = small_model()
+    src, tgt, targets = np.array([[3, 4, 5]]), np.array([[1]]), np.array([[4]])
+    m.forward(src, tgt, targets)
+    m.greedy_decode(src, max_len=1)
+    with pytest.raises(RuntimeError, match="call forward"):
+        m.backward()
+    m.forward(src, tgt, targets)
+    m.encode(src)
+    with pytest.raises(RuntimeError, match="call forward"):
+        m.backward()
+
+
 def test_float32_stays_float32_and_masks_come_from_padding():
     rng = np.random.default_rng(4)
     c = small_model().config

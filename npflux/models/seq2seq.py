@@ -222,6 +222,7 @@ class Seq2SeqTransformer(Module):
     # -- decoding ------------------------------------------------------------------------------
     def encode(self, src, src_mask=None):
         """(memory (B, S, C), src_mask or None) for decoding."""
+        self.loss_cache = None  # the layers' caches are about to hold this pass: no backward of an earlier loss
         src = self._ids(src, "src", self.config.src_block_size)
         src_mask = self._mask(src_mask, src, "src_mask")
         x, _ = self._embed("src", src)
@@ -240,6 +241,7 @@ class Seq2SeqTransformer(Module):
         ``caches`` hold the decoder's own keys and values; ``memory_caches`` (optional) the memory's,
         projected at the first step only.
         """
+        self.loss_cache = None
         x, _ = self._embed("tgt", tokens[:, None], offset=caches[0].length)
         y = self.transformer.decoder.forward(x, memory, memory_mask=src_mask, kv_caches=caches,
                                              memory_kv_caches=memory_caches)
