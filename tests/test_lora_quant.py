@@ -235,6 +235,18 @@ def test_quantization_error_is_at_most_half_a_step(i, o, group, seed):
     assert np.all((blocks.max(axis=1) == 127) | (blocks.max(axis=1) == 0))
 
 
+def test_quantize_a_column_too_small_for_a_float32_scale():
+    """max |w| / 127 underflows to 0 for subnormal weights: the scale must not be 0 (0 / 0 made q undefined)."""
+    import warnings
+
+    w = np.array([[1e-44, 1.0], [-1e-45, 0.5]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero
+        q, scale = quantize_int8(w)
+    assert np.all(scale > 0) and np.abs(q.astype(int)).max() <= 127
+    assert np.abs(dequantize_int8(q, scale) - w).max() <= scale.max() / 2
+
+
 def test_quantize_errors():
     with pytest.raises(ValueError, match="divide"):
         quantize_int8(np.ones((6, 2), np.float32), group_size=4)

@@ -36,7 +36,8 @@ def _grouped(w, group_size):
 def quantize_int8(w, group_size=None):
     """(q, scale): q int8 of w's shape (in, out); scale float32, (out,) or (in / group_size, out).
 
-    An all-zero column (or group) gets scale 1 so nothing divides by zero; its q is 0.
+    An all-zero column (or group) gets scale 1 so nothing divides by zero; its q is 0. So does one whose
+    largest magnitude is so small (< 127 * 1.4e-45) that amax / 127 underflows to 0 in float32.
     """
     xp = get_array_module(w)
     if w.ndim != 2:
@@ -45,8 +46,8 @@ def quantize_int8(w, group_size=None):
         raise ValueError("quantize_int8: the weight holds values that are not finite (NaN or inf)")
     w = w.astype(xp.float32)
     blocks = w[None] if group_size is None else _grouped(w, group_size)  # (groups, rows, out)
-    amax = xp.abs(blocks).max(axis=1)                                   # (groups, out)
-    scale = xp.where(amax > 0, amax / INT8_MAX, 1.0).astype(xp.float32)
+    scale = xp.abs(blocks).max(axis=1) / INT8_MAX                       # (groups, out)
+    scale = xp.where(scale > 0, scale, 1.0).astype(xp.float32)
     q = xp.clip(xp.rint(blocks / scale[:, None, :]), -INT8_MAX, INT8_MAX).astype(xp.int8)
     return q.reshape(w.shape), (scale[0] if group_size is None else scale)
 
