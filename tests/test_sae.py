@@ -218,6 +218,11 @@ def test_errors():
         SparseAutoencoder(d_in=4, n_features=8).backward(np.zeros((2, 4), np.float32))
     with pytest.raises(RuntimeError, match="loss"):
         sae.backward_loss()
+    # a forward of another batch between loss and backward_loss: its caches are not the loss's
+    sae.loss(np.ones((2, 4), np.float32))
+    sae.forward(np.zeros((2, 4), np.float32))
+    with pytest.raises(RuntimeError, match="loss"):
+        sae.backward_loss()
     with pytest.raises(ValueError, match="l1"):
         SAEConfig(4, 8, l1=-1.0)
     with pytest.raises(ValueError, match="positive"):

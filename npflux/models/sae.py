@@ -122,6 +122,7 @@ class SparseAutoencoder(Module):
 
     def forward(self, x):
         """x_hat (..., d); keeps the features in ``self.features`` and what backward needs."""
+        self.loss_cache = None  # a loss of an earlier batch no longer matches the caches kept here
         f, enc = self._encode(x)
         x_hat, dec_cache = ops.linear_forward(f, self.W_dec, self.p["b_dec"])
         self.cache = (enc, dec_cache)
