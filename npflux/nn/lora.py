@@ -220,19 +220,21 @@ def lora_gradients(model):
     return {k: v for k, v in model.grads.items() if k.rpartition(".")[2].startswith(("lora_A", "lora_B"))}
 
 
-def merge_lora(model):
-    """Fold every adapter into its base weight. All or none: an int8 base anywhere is refused before any change."""
+def _mergeable_layers(model):
+    """The model's adapters, once every one is known to be mergeable (so an int8 base changes none of them)."""
     layers = [m for _, m in lora_modules(model)]
     for m in layers:
         m._check_mergeable()
-    for m in layers:
+    return layers
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight: all or none."""
+    for m in _mergeable_layers(model):
         m.merge()
 
 
 def unmerge_lora(model):
-    """Take every adapter out of its base weight again (all or none, as ``merge_lora``)."""
-    layers = [m for _, m in lora_modules(model)]
-    for m in layers:
-        m._check_mergeable()
-    for m in layers:
+    """Take every adapter out of its base weight again: all or none."""
+    for m in _mergeable_layers(model):
         m.unmerge()
