@@ -59,6 +59,8 @@ def token_windows(ids, context):
     ids = np.asarray(ids, dtype=np.int64)
     if context <= 0:
         raise ValueError(f"context must be positive, got {context}")
+    if len(ids) == 0:
+        raise ValueError("token_windows: no tokens to cut into windows")
     T = min(context, len(ids))
     n = math.ceil(len(ids) / T)
     tokens = np.full((n, T), ids[0], dtype=np.int64)
@@ -141,6 +143,8 @@ def input_scale(x):
     whose residual streams differ in size; every metric here is scale-free.
     """
     x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"input_scale: x must be (N, d) with N >= 1, got shape {x.shape}")
     return float(math.sqrt(x.shape[1] / max(float((x * x).sum(axis=1).mean()), 1e-30)))
 
 
@@ -199,7 +203,10 @@ def evaluate_sae(sae, x, batch_size=4096):
     l0: mean number of active (f > 0) features per row
     dead_fraction: features never active on any row of x (and their count)
     frequency: per feature, the fraction of rows where it is active
+    (fve is NaN when the rows do not vary: there is no variance to explain)
     """
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"evaluate_sae: x must be (N, d) with N >= 1, got shape {x.shape}")
     m = sae.config.n_features
     sse = 0.0
     active_count = np.zeros(m, dtype=np.int64)
@@ -219,7 +226,7 @@ def evaluate_sae(sae, x, batch_size=4096):
     dead = int((active_count == 0).sum())
     return {
         "tokens": int(len(x)),
-        "fve": 1.0 - sse / sst,
+        "fve": 1.0 - sse / sst if sst > 0 else float("nan"),
         "mse_per_token": sse / len(x),
         "l0": l0_total / len(x),
         "l1_per_token": l1_total / len(x),

@@ -11,7 +11,7 @@ from npflux.capture import capture
 from npflux.checkpoint import save_checkpoint
 from npflux.cli import main
 from npflux.interp import (
-    collect_activations, encode_text, evaluate_sae, feature_report, load_sae, replace_output, report_html,
+    collect_activations, encode_text, evaluate_sae, feature_report, input_scale, load_sae, replace_output, report_html,
     report_text, residual_vectors, save_sae, spliced_loss, token_windows, top_activations, train_sae,
 )
 from npflux.models import SAEConfig, SparseAutoencoder
@@ -49,6 +49,19 @@ def test_token_windows_pad_the_last_window():
     assert not valid[2, 2:].any()
     tokens, valid, _ = token_windows(np.arange(3), 8)  # shorter than the context: one window of its length
     assert tokens.shape == (1, 3) and valid.all()
+    with pytest.raises(ValueError, match="no tokens"):
+        token_windows(np.arange(0), 8)
+
+
+def test_empty_or_constant_activations():
+    """No rows is an error (not a division by zero or a NaN scale); rows without variance have no FVE."""
+    sae = SparseAutoencoder(d_in=4, n_features=8)
+    with pytest.raises(ValueError, match="N >= 1"):
+        input_scale(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="N >= 1"):
+        evaluate_sae(sae, np.zeros((0, 4), np.float32))
+    metrics = evaluate_sae(sae, np.ones((3, 4), np.float32))
+    assert np.isnan(metrics["fve"]) and metrics["mse_per_token"] > 0
 
 
 def test_encode_text_unknown_characters():
