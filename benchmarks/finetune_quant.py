@@ -1,4 +1,4 @@
-"""int8 quantization (size, val loss, perplexity) and LoRA / QLoRA fine-tuning of trained char models.
+"""int8 quantization (size, val loss, perplexity) and LoRA / QLoRA fine-tuning of trained models (char or BPE).
 
     python benchmarks/finetune_quant.py --checkpoint s1=/path/s1/ckpt --checkpoint s2=/path/s2/ckpt \
         --finetune-base s2 [--max-iters 300] [--threads 1] [--no-torch]
@@ -26,7 +26,7 @@ import time
 
 from npflux.data import find_corpus, load_text
 from npflux.finetune import (
-    FinetuneConfig, encode_for, finetune, model_size, quantize_model, split_text, windows_loss,
+    FinetuneConfig, checkpoint_doc_sep, encode_for, finetune, model_size, quantize_model, split_text, windows_loss,
 )
 from npflux.train import model_from_checkpoint
 
@@ -110,12 +110,13 @@ def lora_sets(args):
 def finetune_rows(name, ckpt, corpus, args):
     rows = []
     for (targets, rank), base in [(lora, base) for lora in lora_sets(args) for base in ("float32", "int8")]:
-        model, tok, _ = model_from_checkpoint(ckpt)
+        model, tok, saved = model_from_checkpoint(ckpt)
         if base == "int8":
             quantize_model(model)
         train_text, val_text = split_text(corpus, 0.1, "lines")
-        train_ids, _, dropped_train = encode_for(tok, train_text, unknown="drop")
-        val_ids, _, dropped_val = encode_for(tok, val_text, unknown="drop")
+        doc_sep = checkpoint_doc_sep(saved)  # a BPE model's [BOS] doc [EOS] layout, as it was trained
+        train_ids, _, dropped_train = encode_for(tok, train_text, unknown="drop", doc_sep=doc_sep)
+        val_ids, _, dropped_val = encode_for(tok, val_text, unknown="drop", doc_sep=doc_sep)
         cfg = FinetuneConfig(rank=rank, alpha=2.0 * rank, targets=targets, max_iters=args.max_iters,
                              learning_rate=args.learning_rate, eval_interval=args.max_iters, seed=1337, progress=False)
         s = finetune(model, train_ids, val_ids, cfg)
@@ -136,7 +137,7 @@ def finetune_rows(name, ckpt, corpus, args):
 
 def main():
     p = _env.common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.add_argument("--checkpoint", action="append", required=True, help="NAME=DIR of a trained char model (repeatable)")
+    p.add_argument("--checkpoint", action="append", required=True, help="NAME=DIR of a trained model, char or BPE (repeatable)")
     p.add_argument("--group-sizes", type=int, nargs="*", default=[32], help="per-group variants (default 32)")
     p.add_argument("--finetune-base", help="NAME of the checkpoint to fine-tune (default: the last)")
     p.add_argument("--max-iters", type=int, default=300)
@@ -153,13 +154,13 @@ def main():
 
     quant = []
     for name, ckpt in checkpoints.items():
-        _, tok, _ = model_from_checkpoint(ckpt)
-        val_ids, _, _ = encode_for(tok, split_text(shakespeare, 0.1, "tail")[1])
+        _, tok, saved = model_from_checkpoint(ckpt)
+        val_ids, _, _ = encode_for(tok, split_text(shakespeare, 0.1, "tail")[1], doc_sep=checkpoint_doc_sep(saved))
         quant += quantization_rows(name, ckpt, val_ids, args.group_sizes, reps)
     name = args.finetune_base or list(checkpoints)[-1]
     tuned = finetune_rows(name, checkpoints[name], corpus, args)
-    _, tok, _ = model_from_checkpoint(checkpoints[name])
-    ids, _, _ = encode_for(tok, corpus, unknown="drop")
+    _, tok, saved = model_from_checkpoint(checkpoints[name])
+    ids, _, _ = encode_for(tok, corpus, unknown="drop", doc_sep=checkpoint_doc_sep(saved))
     steps = {mode: step_seconds(checkpoints[name], mode, ids, args, 3 * reps) for mode in ("full", "lora", "qlora")}
     step_time = {"model": name, **{f"{m}_s": t for m, t in steps.items()},
                  **{f"{m}_over_full": steps[m] / steps["full"] for m in ("lora", "qlora")}}

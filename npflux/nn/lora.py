@@ -217,6 +217,7 @@ def lora_parameters(model):
 
 
 def lora_gradients(model):
+    """The adapters' gradient arrays by the same names (the live arrays): what the optimizer steps with."""
     return {k: v for k, v in model.grads.items() if k.rpartition(".")[2].startswith(("lora_A", "lora_B"))}
 
 
