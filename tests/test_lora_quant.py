@@ -229,6 +229,8 @@ def test_quantization_error_is_at_most_half_a_step(i, o, group, seed):
     assert scale.shape == ((o,) if group is None else (i // group, o))
     step = scale if group is None else np.repeat(scale, group, axis=0)
     assert np.all(np.abs(dequantize_int8(q, scale) - w) <= step / 2 * (1 + 1e-6))
+    assert dequantize_int8(q, scale).dtype == np.float32  # float32 stays float32; float64 on request
+    assert dequantize_int8(q, scale, np.float64).dtype == np.float64
     assert np.all(q[:, 0] == 0)
     # the largest magnitude of each channel (or group) is on the grid's end
     blocks = np.abs(q.astype(int)).reshape(-1 if group is None else i // group, i if group is None else group, o)
@@ -443,11 +445,16 @@ def test_quantized_checkpoint_round_trip_and_size(tmp_path, gpt2_style):
 def test_finetune_lowers_loss_and_adapter_round_trip(tmp_path):
     base_dir, tok = make_base(tmp_path)
     model, _, _ = model_from_checkpoint(base_dir)
+    before = {k: v.copy() for k, v in model.params.items()}
     ids = np.asarray(tok.encode(TEXT))
     cfg = FinetuneConfig(rank=4, alpha=8, targets=("attn.c_attn", "mlp.c_fc"), max_iters=40, learning_rate=1e-2,
                          eval_interval=20, progress=False)
     summary = finetune(model, ids[:1500], ids[1500:], cfg, log=lambda *a: None)
     assert summary["val_loss_after"] < summary["val_loss_before"] - 0.1
+    # finetune's optimizer moved A and B only: every base array (now a parameter or a frozen buffer) is as loaded
+    after = {**model.params, **{k.replace(".base.", "."): v for k, v in named_buffers(model).items()}}
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
     assert summary["trainable_parameters"] == 2 * (4 * (16 + 48) + 4 * (16 + 64))
 
     save_adapter(tmp_path / "adapter", model, base_dir,
