@@ -3,7 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from npflux.generate import beam_search, generate_stream, sequence_logprob
@@ -127,6 +127,62 @@ def test_finished_beams_end_with_eos_and_stop_early():
         assert 4 not in new[:-1]  # nothing after the end of the document
         assert new[-1] == 4 or len(new) == 30
 
+
+def reference_beam_search(model, prompt, k, n_new, alpha, eos_id):
+    """Beam search written plainly: every step, no early stop, no cache, one forward per beam."""
+    V = model.config.vocab_size
+    model.eval()
+    beams, finished = [((), 0.0)], []
+    for step in range(n_new):
+        cands = []
+        for toks, lp in beams:  # in beam order, then token order: ties go to the earlier, as in beam_search
+            logits = model.forward(np.concatenate([prompt, toks]).astype(np.int64)[None])[0][0, -1]
+            logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            cands += [(lp + logp[v], toks + (v,)) for v in range(V)]
+        order = sorted(range(len(cands)), key=lambda i: -cands[i][0])[: 2 * k]
+        beams = []
+        for rank, i in enumerate(order):
+            lp, toks = cands[i]
+            if toks[-1] == eos_id:
+                if rank < k:
+                    finished.append((lp / (step + 1) ** alpha, toks))
+            elif len(beams) < k:
+                beams.append((toks, lp))
+        finished = sorted(finished, key=lambda f: -f[0])[:k]
+    pool = sorted(finished + [(lp / n_new ** alpha, toks) for toks, lp in beams], key=lambda f: -f[0])[:k]
+    return [list(prompt) + list(t) for _, t in pool], [s for s, _ in pool]
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 1000), width=st.integers(1, 4), alpha=st.sampled_from([0.0, 0.5, 1.0, -0.5]),
+       n_new=st.integers(1, 10))
+@example(seed=0, width=2, alpha=1.0, n_new=10)  # stopping once `width` hypotheses finish, without the bound, fails here
+def test_stopping_early_returns_what_running_every_step_does(seed, width, alpha, n_new):
+    model = tiny(vocab=6, block=16, seed=seed)
+    prompt = np.array([1, 2, 1])
+    seqs, scores = beam_search(model, prompt, beam_width=width, max_new_tokens=n_new, length_penalty=alpha, eos_id=4)
+    want_seqs, want_scores = reference_beam_search(model, prompt, width, n_new, alpha, 4)
+    assert [s.tolist() for s in seqs] == want_seqs
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-10)
+
+
+def test_the_search_does_stop_early():
+    """Not vacuous: here all three hypotheses finish within 4 tokens of 30 and the search ends at step 5."""
+    model = tiny(vocab=6, block=32, seed=0)
+    forwards, original = [0], model.forward
+
+    def counting_forward(*a, **kw):
+        forwards[0] += 1
+        return original(*a, **kw)
+
+    model.forward = counting_forward
+    prompt = np.array([1, 2, 3])
+    seqs, scores = beam_search(model, prompt, beam_width=3, max_new_tokens=30, length_penalty=0.0, eos_id=4)
+    assert forwards[0] < 10
+    del model.forward
+    want_seqs, want_scores = reference_beam_search(model, prompt, 3, 30, 0.0, 4)
+    assert [s.tolist() for s in seqs] == want_seqs
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-10)
 
 def test_cache_and_recompute_agree_past_the_context():
     """block 8, prompt 3, 12 new tokens: the caches serve the first steps, then the window slides."""
