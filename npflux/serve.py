@@ -56,6 +56,13 @@ class Limits:
     max_stop: int = 4
     max_stop_chars: int = 32
 
+    def __post_init__(self):
+        # a limit of 0 would make every request invalid (or, by default, generate nothing)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Limits.{f.name} must be a positive integer, got {value!r}")
+
 
 # ---------------------------------------------------------------------------
 # The engine

@@ -314,6 +314,13 @@ def test_malformed_oversized_and_unknown_requests(server):
     assert status == 405 and out["error"]
 
 
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        Limits(max_new_tokens=0)     # every request would be refused, and one without the field get no tokens
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        Limits(max_request_bytes=-1)
+    assert Limits(max_k=1).max_k == 1
+
 def test_search_without_documents_is_404():
     model, tok = tiny_model()
     with serve_in_thread(create_app(Engine(model, tok))) as url:
