@@ -6,6 +6,11 @@ token instead of O(T^2). When the sequence reaches block_size the positions
 shift, the cache no longer applies, and the window is recomputed, exactly as
 the uncached path crops to the last block_size tokens, so both give the same
 tokens.
+
+    generate(model, idx, n, ...)          (B, T) -> (B, T + n), stopping early at eos_id
+    generate_stream(model, idx, n, ...)   the same tokens, one step at a time (a server's requests)
+    beam_search(model, idx, k, n, ...)    the k most probable continuations of one prompt
+    sequence_logprob(model, idx, cont)    log p(cont | idx), recomputed plainly (for checking)
 """
 import contextlib
 
