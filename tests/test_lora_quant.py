@@ -184,6 +184,7 @@ def test_qv_lora_on_fused_projection_vs_torch(dtype, tol):
 
 
 @needs_torch
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # deprecated, still the reference
 def test_quantize_int8_matches_torch_per_channel():
     """Our int8 values and scales are torch.quantize_per_channel's (symmetric, zero point 0, round half even)."""
     rng = np.random.default_rng(0)
