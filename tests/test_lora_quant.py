@@ -345,10 +345,14 @@ def test_merge_and_unmerge_agree():
     w0 = m.base.buffers["weight"].copy()
     y = m.forward(x)
     m.merge()
+    merged_weight = m.base.buffers["weight"].copy()
+    m.merge()  # idempotent: the update is not added twice
+    np.testing.assert_array_equal(m.base.buffers["weight"], merged_weight)
     assert m.merged and rel(m.forward(x), y) <= 1e-13
     with pytest.raises(RuntimeError, match="unmerge"):
         m.backward(np.ones_like(y))
     m.unmerge()
+    m.unmerge()  # idempotent too
     assert rel(m.base.buffers["weight"], w0) <= 1e-14 and rel(m.forward(x), y) <= 1e-14
 
     model = GPT(tiny_config(), seed=0, dtype="float64")
