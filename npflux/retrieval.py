@@ -514,9 +514,13 @@ class DocumentIndex:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise InvalidIndexError(f"{meta_path} is not valid JSON ({exc})") from None
-        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise InvalidIndexError(f"{directory} is not an npflux index of version {INDEX_VERSION} "
                               f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+        missing = [key for key in ("arrays_sha256", "method", "encoder", "source", "passages") if key not in meta]
+        if missing:  # (a bare KeyError would reach the user as just the key's name)
+            raise InvalidIndexError(f"{meta_path} lacks {', '.join(missing)} (damaged); rebuild the index")
         if _sha256(arrays_path) != meta["arrays_sha256"]:
             raise InvalidIndexError(f"{arrays_path} does not match the hash recorded in {meta_path} (damaged or replaced)")
         arrays = safetensors.numpy.load_file(str(arrays_path))

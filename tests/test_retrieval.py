@@ -213,6 +213,13 @@ def test_damaged_index_and_foreign_directories_are_refused(tmp_path):
         DocumentIndex.load(saved)
     with pytest.raises(FileNotFoundError, match="no npflux index"):
         DocumentIndex.load(tmp_path / "nothing")
+    intact = index.save(tmp_path / "idx2")  # its arrays are whole; only index.json is damaged below
+    meta = json.loads((intact / "index.json").read_text(encoding="utf-8"))
+    for damaged, match in [({k: v for k, v in meta.items() if k != "passages"}, "lacks passages"),
+                           ([meta], "not an npflux index")]:
+        (intact / "index.json").write_text(json.dumps(damaged), encoding="utf-8")
+        with pytest.raises(InvalidIndexError, match=match):
+            DocumentIndex.load(intact)
     other = tmp_path / "mine"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
