@@ -128,8 +128,12 @@ def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, 
     base = Path(base_checkpoint).resolve()
     adapter = {**lora, "base_checkpoint": str(base), "base_sha256": sha256_file(base / "model.safetensors")}
     # The base's document separator, so `npflux eval` of the adapter packs text as the base (and finetune) did.
-    base_train = json.loads((base / "meta.json").read_text(encoding="utf-8"))["config"].get("train", {})
-    train = {**(train or {}), "doc_sep": base_train.get("doc_sep")}
+    base_config = json.loads((base / "meta.json").read_text(encoding="utf-8"))["config"]
+    int8_model = any(isinstance(m, QuantizedLinear) for _, m in named_modules(model))
+    if int8_model != ("quantization" in base_config):  # loading would put the adapters on the other kind of base
+        raise ValueError(f"save_adapter: the model's base is {'int8' if int8_model else 'float'}, but {base} is "
+                         f"{'an int8' if 'quantization' in base_config else 'a float'} checkpoint")
+    train = {**(train or {}), "doc_sep": base_config.get("train", {}).get("doc_sep")}
     config = {"model": model.config.to_dict(), "adapter": adapter, "train": train}
     return save_checkpoint(directory, model_state=lora_parameters(model), config=config, tokenizer=tokenizer,
                            extra=extra)

@@ -508,6 +508,8 @@ def test_qlora_adapter_over_int8_base(tmp_path):
     for k, v in named_buffers(qmodel).items():
         if v.dtype == np.int8:
             np.testing.assert_array_equal(v, int8_before[k.replace(".base.", ".")], err_msg=k)
+    with pytest.raises(ValueError, match="int8, but .* a float checkpoint"):  # it would load over the float base
+        save_adapter(tmp_path / "adapter", qmodel, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
     save_adapter(tmp_path / "adapter", qmodel, tmp_path / "q", {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
     loaded, _, _ = model_from_checkpoint(tmp_path / "adapter")
     assert isinstance(loaded.transformer.h.items[0].attn.c_attn.base, QuantizedLinear)
