@@ -127,19 +127,27 @@ def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, 
     _check_adapter_description(model, lora)
     base = Path(base_checkpoint).resolve()
     adapter = {**lora, "base_checkpoint": str(base), "base_sha256": sha256_file(base / "model.safetensors")}
-    # The base's document separator, so `npflux eval` of the adapter packs text as the base (and finetune) did.
     base_config = json.loads((base / "meta.json").read_text(encoding="utf-8"))["config"]
-    int8_model = any(isinstance(m, QuantizedLinear) for _, m in named_modules(model))
-    if int8_model != ("quantization" in base_config):  # loading would put the adapters on the other kind of base
-        raise ValueError(f"save_adapter: the model's base is {'int8' if int8_model else 'float'}, but {base} is "
-                         f"{'an int8' if 'quantization' in base_config else 'a float'} checkpoint")
+    _check_base(model, base_config, base)
+    # The base's document separator, so `npflux eval` of the adapter packs text as the base (and finetune) did.
     train = {**(train or {}), "doc_sep": base_config.get("train", {}).get("doc_sep")}
     config = {"model": model.config.to_dict(), "adapter": adapter, "train": train}
     return save_checkpoint(directory, model_state=lora_parameters(model), config=config, tokenizer=tokenizer,
                            extra=extra)
 
 
+def _check_base(model, base_config, base):
+    """The base checkpoint must be the model the adapters sit on: same architecture, same kind (float / int8)."""
+    if GPTConfig.from_dict(base_config["model"]) != model.config:
+        raise ValueError(f"save_adapter: {base} holds a different model ({base_config['model']}) from this one")
+    int8_model = any(isinstance(m, QuantizedLinear) for _, m in named_modules(model))
+    if int8_model != ("quantization" in base_config):  # loading would put the adapters on the other kind of base
+        raise ValueError(f"save_adapter: the model's base is {'int8' if int8_model else 'float'}, but {base} is "
+                         f"{'an int8' if 'quantization' in base_config else 'a float'} checkpoint")
+
+
 def _check_adapter_description(model, lora):
+    """``lora`` (rank, alpha, targets) re-applied to a fresh model must give exactly this model's adapters."""
     layers = lora_modules(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")

@@ -656,6 +656,9 @@ def test_save_adapter_checks_its_description(tmp_path):
             save_adapter(tmp_path / "a", model, base_dir, bad)
     with pytest.raises(ValueError, match="do not give"):
         save_adapter(tmp_path / "a", model, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
+    other_dir, _ = make_base(tmp_path / "other", n_embd=8)
+    with pytest.raises(ValueError, match="different model"):
+        save_adapter(tmp_path / "a", model, other_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn[q,v]"]})
     assert not (tmp_path / "a").exists()
     save_adapter(tmp_path / "a", model, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn[q,v]"]})
     assert model_from_checkpoint(tmp_path / "a")[0].transformer.h.items[0].attn.c_attn.scaling == 2.0
