@@ -134,6 +134,14 @@ def test_loading_needs_the_special_tokens(tmp_path):
     hf.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False))
     with pytest.raises(ValueError, match="special token"):
         BPETokenizer(hf)
+    # the four special tokens, but not byte level: unseen characters would become [UNK], silently
+    wordlevel = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordlevel.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS),
+                                                                      show_progress=False))
+    wordlevel.save(str(tmp_path / "not-byte-level.json"))
+    with pytest.raises(ValueError, match="not byte-level"):
+        BPETokenizer.load(tmp_path / "not-byte-level.json")
 
 
 def test_registered_and_restored_from_a_checkpoint(tok, tmp_path):

@@ -31,6 +31,7 @@ from ..backend import to_numpy
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+_PROBE = "Tab\there, nul \x00, é, 東京, 🎉"  # characters a byte-level tokenizer encodes whether or not it saw them
 
 
 def _check_utf8(text: str):
@@ -78,6 +79,11 @@ class BPETokenizer:
             raise ValueError(f"BPE tokenizer lacks the special token(s) {missing}; train it with BPETokenizer.train")
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = (ids[t] for t in SPECIAL_TOKENS)
         self.special_ids = frozenset(ids.values())
+        # Everything here assumes lossless byte-level encoding; a loaded file that is not (WordPiece,
+        # a character-level BPE with [UNK]) would silently turn unseen characters into [UNK].
+        if self._plain.decode(self._plain.encode(_PROBE, add_special_tokens=False).ids) != _PROBE:
+            raise ValueError(f"this tokenizer is not byte-level: {_PROBE!r} does not survive encode and decode "
+                             f"(unseen characters would be lost); train one with BPETokenizer.train")
 
     # -- training --------------------------------------------------------------------
     @classmethod
