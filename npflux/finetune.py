@@ -285,6 +285,8 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # One pattern as a string is one target (a str is iterable: it would become one target per character).
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         for name in ("rank", "max_iters", "batch_size", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

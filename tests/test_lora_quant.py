@@ -500,11 +500,13 @@ def test_qlora_adapter_over_int8_base(tmp_path):
     save_quantized(tmp_path / "q", model, ckpt.config, tokenizer=tok)
     qmodel, _, _ = model_from_checkpoint(tmp_path / "q")
     ids = np.asarray(tok.encode(TEXT))
-    cfg = FinetuneConfig(rank=2, alpha=4, max_iters=30, learning_rate=1e-2, eval_interval=30, progress=False)
+    cfg = FinetuneConfig(rank=2, alpha=4, targets="attn.c_attn", max_iters=30, learning_rate=1e-2, eval_interval=30,
+                         progress=False)
     int8_before = {k: v.copy() for k, v in named_buffers(qmodel).items() if v.dtype == np.int8}
     summary = finetune(qmodel, ids[:1500], ids[1500:], cfg, log=lambda *a: None)
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert summary["base_parameters"] == GPT(qmodel.config).num_parameters()  # int8 weights counted
+    assert summary["config"]["targets"] == ["attn.c_attn"]  # one pattern given as a string, not 11 characters
     for k, v in named_buffers(qmodel).items():
         if v.dtype == np.int8:
             np.testing.assert_array_equal(v, int8_before[k.replace(".base.", ".")], err_msg=k)
