@@ -49,10 +49,12 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     xp = get_array_module(logits)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
+    if temperature == 0 or logits.dtype.type(temperature) == 0:  # (1e-300 is 0 in float32: greedy too)
         return xp.argmax(logits, axis=-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+    # shift the max to 0 before dividing: at a tiny temperature logits / temperature overflows to
+    # inf, inf - inf is nan, and every row would silently sample token 0
+    logits = filter_logits((logits - logits.max(axis=-1, keepdims=True)) / temperature, top_k, top_p)
+    probs = xp.exp(logits)  # the max is 0 (filtering always keeps it): no overflow
     cdf = xp.cumsum(probs, axis=-1)
     u = rng.random((logits.shape[0], 1), dtype=cdf.dtype) * cdf[:, -1:]
     return xp.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)

@@ -239,6 +239,19 @@ def test_sequence_logprob_and_sampling_refuse_what_they_would_misread():
         with pytest.raises(ValueError, match="eos_id"):
             generate_stream(model, np.array([[1]]), 3, eos_id=eos_id)
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_tiny_temperature_samples_the_greedy_tokens(dtype):
+    """logits / 1e-40 overflows float32: without care every row sampled token 0 from nan probabilities."""
+    model = tiny(vocab=11, block=8, seed=0, dtype=dtype)
+    idx = np.array([[3, 4], [1, 2]])
+    greedy = model.generate(idx, 6, temperature=0)
+    assert (greedy[:, 2:] != 0).any()  # a greedy path that is not all token 0, so the check means something
+    with np.errstate(over="ignore"):
+        for temperature in (1e-40, 1e-300, 5e-324):
+            for kw in ({}, {"top_k": 3, "top_p": 0.5}):
+                np.testing.assert_array_equal(model.generate(idx, 6, temperature=temperature, seed=0, **kw), greedy)
+
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(1, 12))
 def test_top_candidates_are_a_stable_sort_with_ties(values, n):
     """The O(V) selection picks what a full stable sort would, ties (common here) to the lower index."""
