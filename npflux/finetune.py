@@ -295,7 +295,9 @@ class FinetuneConfig:
 
 
 def windows_loss(model, ids, batch_size=16, progress=False):
-    """Mean loss over ``ids`` cut into non-overlapping windows of block_size + 1 (every token predicted once).
+    """Mean loss over ``ids`` cut into windows of block_size + 1 tokens, each predicting its last block_size,
+    so every token after the first is predicted once (a remainder shorter than a window is left out, as in
+    ``train.evaluate_text``, whose loss this equals).
 
     ``progress``: a tqdm bar over the batches, with this text as its label."""
     import numpy as np
