@@ -86,6 +86,9 @@ def test_seq2seq_attention_kinds(s2s_ckpt):
     assert cross["weights"].shape == (2, 2, 11, len(src))  # decoder layers, heads, output + <eos>, source
     assert cross["queries"] == list("1998-03-03") + ["<eos>"] and cross["keys"] == list(src)
     np.testing.assert_allclose(cross["weights"].sum(-1), 1.0, rtol=1e-5)
+    # the weights drawn are the model's own, teacher-forced on BOS + the target
+    model.forward(task.encode_sources([src]), np.array([[task.bos_id, *task.tokenizer.encode("1998-03-03")]]))
+    np.testing.assert_array_equal(cross["weights"], np.stack([w[0] for w in model.cross_attention_weights]))
     enc = seq2seq_attention(model, task.tokenizer, src, target="1998-03-03", kind="encoder")
     assert enc["weights"].shape == (1, 2, len(src), len(src))
     dec = seq2seq_attention(model, task.tokenizer, src, target="1998-03-03", kind="decoder")
