@@ -258,6 +258,19 @@ def test_sae_train_and_features_commands(checkpoint):
     assert "<b style=" in (work / "report.html").read_text(encoding="utf-8")
 
 
+def test_sae_train_on_a_point_inside_a_module_keeps_the_sae(checkpoint, capsys):
+    """mlp.hidden is read inside the MLP: the spliced loss (which replaces a module's output) is skipped
+    with a note, and the trained SAE is written (the error came after training and lost it)."""
+    work, ckpt, text = checkpoint
+    out = run(["sae", "train", "--checkpoint", ckpt, "--text", text, "--point", "transformer.h.1.mlp.hidden",
+               "--out-dir", work / "sae_hidden", "--expansion", "1", "--steps", "5", "--batch-size", "64", "--quiet"])
+    metrics = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert "val_loss" not in metrics and "fve" in metrics["val"]
+    assert "no spliced loss" in capsys.readouterr().err
+    sae, source, _ = load_sae(work / "sae_hidden")
+    assert sae.config.d_in == 32 and source["point"] == "transformer.h.1.mlp.hidden"
+
+
 def test_sae_commands_refuse_bad_counts_before_any_work(checkpoint, capsys):
     """A held-out fraction outside (0, 1) (1.5 once trained on half the text and held out the rest) or a
     held-out part shorter than a window (once found only after training) fails first; counts are checked."""

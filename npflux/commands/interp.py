@@ -75,6 +75,7 @@ def _activations(args):
 
 # -- npflux sae train ------------------------------------------------------------------------
 def _sae_train(args):
+    from ..capture import capture_points, match_points
     from ..interp import evaluate_sae, input_scale, residual_vectors, save_sae, spliced_loss, train_sae
     from ..models.sae import SAEConfig, SparseAutoencoder
 
@@ -91,6 +92,9 @@ def _sae_train(args):
         raise ValueError(f"the held-out part has {len(ids) - n_train} tokens; the loss metrics need more than one "
                          f"window of {context}: raise --val-fraction or give a longer text")
     print(f"{text}: {len(ids):,} tokens, {n_train:,} for training, {len(ids) - n_train:,} held out")
+    # the spliced loss replaces a module's output; .resid_mid and .mlp.hidden are read inside a module
+    # (decided now: an error after training would lose the SAE)
+    splice = capture_points(model)[match_points(model, [args.point])[0]][1] == "output"
     x_train, _ = residual_vectors(model, ids[:n_train], args.point, context=args.context, progress=not args.quiet)
     x_val, _ = residual_vectors(model, ids[n_train:], args.point, context=args.context, progress=not args.quiet)
     scale = input_scale(x_train)
@@ -105,7 +109,10 @@ def _sae_train(args):
     for split, x in (("train", x_train), ("val", x_val)):
         r = evaluate_sae(sae, x * scale)
         metrics[split] = {k: v for k, v in r.items() if k != "frequency"}
-    metrics["val_loss"] = spliced_loss(model, ids[n_train:], args.point, sae, scale=scale, context=args.context)
+    if splice:
+        metrics["val_loss"] = spliced_loss(model, ids[n_train:], args.point, sae, scale=scale, context=args.context)
+    else:
+        print(f"{args.point} is not a module's output (it is read inside one): no spliced loss", file=sys.stderr)
     source = {"checkpoint": str(args.checkpoint), "point": args.point, "input_scale": scale,
               "context": args.context or model.config.block_size, "text": str(text), "tokens": int(len(ids)),
               "train_tokens": n_train}
