@@ -65,6 +65,9 @@ class Passage:
     line: int  # 1-based line of the source where the passage starts
 
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
 def split_passages(text: str, split: str = "auto", max_chars: int = 1000) -> list:
     """Passages of ``text``: one per non-empty line (``line``), per blank-line-separated
     paragraph (``paragraph``), or ``auto`` (paragraphs when the text has blank lines
@@ -75,7 +78,9 @@ def split_passages(text: str, split: str = "auto", max_chars: int = 1000) -> lis
         raise ValueError(f"split must be 'auto', 'line' or 'paragraph', got {split!r}")
     if max_chars < 1:
         raise ValueError(f"max_chars must be positive, got {max_chars}")
-    lines = text.splitlines()
+    # lines as an editor numbers them: str.splitlines would also break at \f, \v, \x1c-\x1e, \x85 and
+    # \u2028/\u2029, shifting every later passage's line number
+    lines = _NEWLINE.split(text)
     if split == "auto":
         stripped = [ln.strip() for ln in lines]
         first = next((i for i, s in enumerate(stripped) if s), len(lines))

@@ -45,6 +45,9 @@ def test_split_lines_paragraphs_and_auto():
     assert split_passages("\n\none\ntwo\n\n") == [Passage("one", 3), Passage("two", 4)]  # auto: only around
     with pytest.raises(ValueError, match="split"):
         split_passages("x", split="sentence")
+    # line numbers as an editor counts them: a form feed or U+2028 inside a line starts no new one
+    assert split_passages("a\fb\r\nc\u2028d\re\n", split="line") == [Passage("a\fb", 1), Passage("c\u2028d", 2),
+                                                                         Passage("e", 3)]
 
 
 @given(st.lists(st.text(alphabet="ab c\n", min_size=0, max_size=40), max_size=6), st.integers(1, 12))
