@@ -71,6 +71,8 @@ def translate(model, tokenizer, sources, beam_size=1, batch_size=256, progress=F
         for s, a in zip(chunk, ids):
             if not 1 <= len(a) <= c.src_block_size:
                 raise ValueError(f"source {s!r} has {len(a)} tokens; the model reads 1..{c.src_block_size}")
+            if (a == c.pad_id).any():  # it would be masked as padding: the model would not read it
+                raise ValueError(f"source {s!r} holds the padding token (id {c.pad_id})")
         src = np.full((len(ids), max(len(a) for a in ids)), c.pad_id, dtype=np.int64)
         for j, a in enumerate(ids):
             src[j, : len(a)] = a

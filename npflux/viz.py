@@ -128,6 +128,8 @@ def seq2seq_attention(model, tokenizer, source: str, target: str | None = None, 
     src = tokenizer.encode(source)
     if not 1 <= len(src) <= c.src_block_size:
         raise ValueError(f"the source has {len(src)} tokens; the model reads 1..{c.src_block_size}")
+    if c.pad_id in src:  # it would be masked as padding: its column would be all zeros
+        raise ValueError(f"the source holds the padding token (id {c.pad_id})")
     src_ids = np.array([src], dtype=np.int64)
     out = model.greedy_decode(src_ids)[0] if target is None else tokenizer.encode(target)
     if len(out) > c.tgt_block_size:

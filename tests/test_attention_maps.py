@@ -101,6 +101,8 @@ def test_seq2seq_attention_kinds(s2s_ckpt):
     assert full["queries"] == list("1998-03-031") and full["keys"] == list(src)
     with pytest.raises(ValueError, match="kind"):
         seq2seq_attention(model, task.tokenizer, src, kind="nope")
+    with pytest.raises(ValueError, match="padding token"):
+        seq2seq_attention(model, task.tokenizer, "3rd of\0March 1998")
     with pytest.raises(ValueError, match="positions"):
         seq2seq_attention(model, task.tokenizer, src, target="1998-03-03-1998")
 

@@ -508,8 +508,10 @@ def test_a_source_of_nothing_but_padding_is_an_error():
         m.forward(np.array([[3, 4]]), np.array([[1]]), src_mask=np.array([[False, False]]))
     task = DateTask(heldout_size=1)
     model = Seq2SeqTransformer(model_config_for(task, n_embd=8, n_head=2, n_encoder_layer=1, n_decoder_layer=1))
-    with pytest.raises(ValueError, match="no real token"):
+    with pytest.raises(ValueError, match="holds the padding token"):
         exact_match(model, task.tokenizer, [("\0\0", "1998-03-03")])
+    with pytest.raises(ValueError, match="holds the padding token"):  # one inside a source: silently skipped before
+        exact_match(model, task.tokenizer, [("3 Mar\0 1998", "1998-03-03")])
 
 
 def test_decoding_between_forward_and_backward_is_an_error():
