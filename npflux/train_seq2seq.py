@@ -113,7 +113,8 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
     """Train on fresh batches of ``task``; returns (model, history). Writes ``out_dir/ckpt`` and ``log.jsonl``.
 
     Every ``eval_interval`` steps (and at the end) the first ``eval_size``
-    held-out pairs are decoded greedily and their exact-match accuracy logged.
+    held-out pairs are decoded greedily, their exact-match accuracy logged,
+    and the checkpoint written (so a stopped run keeps its last evaluation's).
     The learning rate warms up linearly, then follows a cosine to ``min_lr``.
     """
     out = Path(cfg.out_dir)
@@ -144,6 +145,9 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
             f.write(json.dumps(entry) + "\n")
         msg = f"step {step}: loss {loss:.4f}, held-out exact match {accuracy:.4f} ({len(eval_pairs)} greedy)"
         bar.write(msg) if bar else log(msg)
+        # a checkpoint at every evaluation: a run stopped part-way keeps its last one
+        save_seq2seq(out / "ckpt", model, task.tokenizer, step=step,
+                     extra={"history": history, "train": dataclasses.asdict(cfg), "task_seed": getattr(task, "seed", None)})
 
     model.train()
     loss = float("nan")
@@ -168,6 +172,4 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
     evaluate(cfg.max_iters, loss)
     if bar:
         bar.close()
-    save_seq2seq(out / "ckpt", model, task.tokenizer, step=cfg.max_iters,
-                 extra={"history": history, "train": dataclasses.asdict(cfg), "task_seed": getattr(task, "seed", None)})
     return model, history

@@ -634,6 +634,29 @@ def test_training_learns_and_the_checkpoint_round_trips(tmp_path):
     assert load_seq2seq(tmp_path / "again")[0].config == model.config
 
 
+def test_a_stopped_training_keeps_its_last_evaluations_checkpoint(tmp_path):
+    """The checkpoint is written at every evaluation, not only at the end: a run that stops keeps it."""
+    task = DateTask(seed=0, heldout_size=4)
+    draws = []
+
+    class StopsAtStep4(DateTask):  # the batch of step 4 (after its evaluation) is never drawn: Ctrl-C
+        def sample(self, rng, n, split="train"):
+            if split == "train":
+                draws.append(n)
+                if len(draws) > 4:
+                    raise KeyboardInterrupt
+            return task.sample(rng, n, split)
+
+    stopping = StopsAtStep4(seed=0, heldout_size=4)
+    mc = model_config_for(task, n_embd=8, n_head=2, n_encoder_layer=1, n_decoder_layer=1)
+    cfg = Seq2SeqTrainConfig(out_dir=str(tmp_path / "run"), batch_size=4, max_iters=10, eval_interval=4,
+                             eval_size=4, warmup_iters=0, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_seq2seq(mc, cfg, stopping, log=lambda *_: None)
+    loaded, _, ckpt = load_seq2seq(tmp_path / "run" / "ckpt")
+    assert ckpt.step == 4 and [h["step"] for h in ckpt.extra["history"]] == [4]
+
+
 def test_loading_a_gpt_checkpoint_as_seq2seq_is_a_clear_error(tmp_path):
     from npflux.checkpoint import save_checkpoint
 
