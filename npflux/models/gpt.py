@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..backend import check_int, get_backend
-from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, PositionalEmbedding
+from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, ModuleList, PositionalEmbedding
 from .config import ConfigDict
 
 
@@ -72,16 +72,6 @@ PRESETS = {
 }
 
 
-class _Stack(Module):
-    """A container whose children are named "0", "1", ... (transformer.h.{i})."""
-
-    def __init__(self, modules, backend=None, dtype=None):
-        super().__init__(backend, dtype)
-        for i, m in enumerate(modules):
-            setattr(self, str(i), m)
-        self.items = list(modules)
-
-
 class GPT(Module):
     def __init__(self, config: GPTConfig, seed: int = 0, backend=None, dtype=None):
         super().__init__(backend, dtype)
@@ -96,7 +86,7 @@ class GPT(Module):
         t.wte = Embedding(c.vocab_size, c.n_embd, rng=init_rng, **kw)
         t.wpe = PositionalEmbedding(c.block_size, c.n_embd, rng=init_rng, **kw)
         t.drop = Dropout(c.dropout, rng=self.dropout_rng, **kw)
-        t.h = _Stack([
+        t.h = ModuleList([
             Block(c.n_embd, c.n_head, causal=True, activation=c.activation, bias=c.bias, qkv_bias=c.qkv_bias,
                   dropout=c.dropout, eps=c.layer_norm_eps, proj_std=proj_std, rng=init_rng,
                   dropout_rng=self.dropout_rng, **kw)

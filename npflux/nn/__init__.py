@@ -6,13 +6,13 @@ from .layers import (
     Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEmbedding, SinusoidalPositionalEncoding,
 )
 from .lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lora
-from .module import Module
+from .module import Module, ModuleList
 from .quant import FrozenLinear, QuantizedLinear, dequantize_int8, quantize_int8, quantize_linears
 
 __all__ = [
     "EncoderDecoder", "TransformerDecoder", "TransformerEncoder",
     "Block", "Dropout", "Embedding", "FeedForward", "FrozenLinear", "KVCache", "LayerNorm", "Linear", "LoRALinear",
-    "Module", "QuantizedLinear", "apply_lora", "dequantize_int8", "lora_parameters", "merge_lora", "quantize_int8",
+    "Module", "ModuleList", "QuantizedLinear", "apply_lora", "dequantize_int8", "lora_parameters", "merge_lora", "quantize_int8",
     "quantize_linears", "unmerge_lora",
     "MultiHeadAttention", "PositionalEmbedding", "SinusoidalPositionalEncoding", "merge_heads", "split_heads",
 ]

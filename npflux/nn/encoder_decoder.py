@@ -12,17 +12,7 @@ for a real token, and mask the keys: a padded query still computes an output
 """
 from .block import Block
 from .layers import INIT_STD, LayerNorm, _host_rng
-from .module import Module
-
-
-class _Layers(Module):
-    """Children named "0", "1", ... so parameters read ``layers.{i}.attn...``."""
-
-    def __init__(self, modules, backend=None, dtype=None):
-        super().__init__(backend, dtype)
-        for i, m in enumerate(modules):
-            setattr(self, str(i), m)
-        self.items = list(modules)
+from .module import Module, ModuleList
 
 
 def key_padding_mask(mask):
@@ -41,7 +31,7 @@ class _Stack(Module):
         rng = _host_rng(rng)
         dropout_rng = dropout_rng if dropout_rng is not None else self.backend.rng(0)
         kw = dict(backend=backend, dtype=dtype)
-        self.layers = _Layers([
+        self.layers = ModuleList([
             Block(dim, n_head, causal=self.causal, cross_attention=self.cross_attention, activation=activation,
                   bias=bias, qkv_bias=qkv_bias, dropout=dropout, eps=eps, hidden=hidden, proj_std=proj_std, rng=rng,
                   dropout_rng=dropout_rng, **kw)

@@ -162,6 +162,21 @@ class Module:
         return missing, unexpected
 
 
+class ModuleList(Module):
+    """A list of modules whose children are named "0", "1", ...
+
+    So a GPT's blocks are ``transformer.h.{i}`` and an encoder's layers
+    ``layers.{i}``, the parameter names of GPT-2 and torch; ``items`` keeps
+    them in order for the forward and the backward (reversed) loops.
+    """
+
+    def __init__(self, modules, backend=None, dtype=None):
+        super().__init__(backend, dtype)
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+        self.items = list(modules)
+
+
 def sum_to_shape(dy, shape):
     """Sum ``dy`` over the leading axes it has beyond ``shape`` (the backward of a broadcast)."""
     xp = get_array_module(dy)
