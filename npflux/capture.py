@@ -57,17 +57,12 @@ _EXTRA_POINTS = {
 }
 
 
-def _walk(module, prefix=""):
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        yield path, child
-        yield from _walk(child, path + ".")
-
-
 def capture_points(model) -> dict:
     """Every capture point of ``model``: name -> (module to wrap, what to record), in forward order of the tree."""
     points = {}
-    for path, module in _walk(model):
+    for path, module in model.named_modules():
+        if not path:
+            continue  # the model itself: its output is the logits, already returned
         if callable(getattr(type(module), "forward", None)):
             points[path] = (module, "output")
         for (cls_name, suffix), (child, what) in _EXTRA_POINTS.items():

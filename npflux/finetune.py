@@ -25,9 +25,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import get_batch, sha256_file
 from .models import GPT, GPTConfig
 from .nn.lora import apply_lora, lora_gradients, lora_modules, lora_parameters
-from .nn.quant import (
-    QuantizedLinear, named_buffers, named_modules, quantize_linears, refresh_flat_parameters, set_submodule,
-)
+from .nn.quant import QuantizedLinear, named_buffers, quantize_linears, refresh_flat_parameters, set_submodule
 
 # The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
 # not a Linear module (it may share wte's matrix), so it, the embeddings and the norms stay float.
@@ -78,7 +76,7 @@ def save_quantized(directory, model, config: dict, tokenizer=None, extra=None):
     ``config`` is the float checkpoint's; its "quantization" entry lists the
     int8 layers and their group size (None: per output channel).
     """
-    layers = {path: m for path, m in named_modules(model) if isinstance(m, QuantizedLinear)}
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no int8 layers (quantize_model first)")
     if lora_modules(model):  # the checkpoint would not load: save the adapters with save_adapter
@@ -140,7 +138,7 @@ def _check_base(model, base_config, base):
     """The base checkpoint must be the model the adapters sit on: same architecture, same kind (float / int8)."""
     if GPTConfig.from_dict(base_config["model"]) != model.config:
         raise ValueError(f"save_adapter: {base} holds a different model ({base_config['model']}) from this one")
-    int8_model = any(isinstance(m, QuantizedLinear) for _, m in named_modules(model))
+    int8_model = any(isinstance(m, QuantizedLinear) for _, m in model.named_modules())
     if int8_model != ("quantization" in base_config):  # loading would put the adapters on the other kind of base
         raise ValueError(f"save_adapter: the model's base is {'int8' if int8_model else 'float'}, but {base} is "
                          f"{'an int8' if 'quantization' in base_config else 'a float'} checkpoint")

@@ -28,9 +28,7 @@ import re
 from ..backend import get_backend
 from .layers import Linear
 from .module import Module
-from .quant import (
-    FrozenLinear, QuantizedLinear, named_modules, path_matches, refresh_flat_parameters, set_submodule,
-)
+from .quant import FrozenLinear, QuantizedLinear, path_matches, refresh_flat_parameters, set_submodule
 
 
 class LoRALinear(Module):
@@ -183,7 +181,7 @@ def apply_lora(model, targets, rank=8, alpha=None, seed=0):
         raise ValueError("apply_lora: give at least one target pattern (e.g. 'attn.c_attn')")
     parsed = [parse_target(t) for t in targets]
     rng = get_backend("numpy").rng(seed)
-    linears = [(path, m) for path, m in named_modules(model)
+    linears = [(path, m) for path, m in model.named_modules()
                if isinstance(m, (Linear, FrozenLinear, QuantizedLinear, LoRALinear))]
     if any(isinstance(m, LoRALinear) for _, m in linears):
         raise ValueError("apply_lora: the model already has LoRA adapters")
@@ -208,7 +206,7 @@ def apply_lora(model, targets, rank=8, alpha=None, seed=0):
 
 def lora_modules(model):
     """(path, LoRALinear) for every adapter of the model."""
-    return [(path, m) for path, m in named_modules(model) if isinstance(m, LoRALinear)]
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def lora_parameters(model):

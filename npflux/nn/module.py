@@ -47,6 +47,12 @@ class Module:
     def named_children(self):
         return self._children.items()
 
+    def named_modules(self, prefix=""):
+        """(dotted path, module) for this module (path "") and every descendant, parents first."""
+        yield prefix.rstrip("."), self
+        for name, child in list(self._children.items()):
+            yield from child.named_modules(f"{prefix}{name}.")
+
     def _collect(self, attr, prefix=""):
         out = {prefix + k: v for k, v in getattr(self, attr).items()}
         for name, child in self._children.items():

@@ -153,13 +153,6 @@ class QuantizedLinear(Module):
         return input_grad(dy, self.weight())
 
 
-def named_modules(module, prefix=""):
-    """(dotted path, module) for ``module`` and every descendant, parents first."""
-    yield prefix.rstrip("."), module
-    for name, child in list(module.named_children()):
-        yield from named_modules(child, f"{prefix}{name}.")
-
-
 def set_submodule(root, path, new):
     """Put ``new`` where the module at dotted ``path`` is (the parent's attribute, so its structure version moves)."""
     parent_path, _, name = path.rpartition(".")
@@ -191,7 +184,7 @@ def quantize_linears(model, group_size=None, targets=("*",)):
     from .lora import LoRALinear
 
     done = []
-    for path, m in list(named_modules(model)):
+    for path, m in list(model.named_modules()):
         if any(path.startswith(p + ".") for p in done):
             continue  # the frozen base inside a LoRA layer just replaced
         if not any(path_matches(path, t) for t in targets):
