@@ -3,11 +3,13 @@
 Every tokenizer has ``encode(str) -> list[int]``, ``decode(ids) -> str``,
 ``vocab_size``, and ``to_dict()`` giving a JSON-serialisable dict with a
 ``"type"`` key; ``load_tokenizer(d)`` turns such a dict back into a
-tokenizer. A new kind registers itself in ``TOKENIZERS`` (or with
-``register_tokenizer``) under its type name.
+tokenizer. A new kind subclasses ``Tokenizer`` (equality, hashing, id checks)
+and registers itself in ``TOKENIZERS`` (or with ``register_tokenizer``) under
+its type name.
 """
 from __future__ import annotations
 
+from .base import Tokenizer
 from .bpe import BPETokenizer
 from .char import CharTokenizer
 
@@ -51,5 +53,5 @@ def decode_text(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-__all__ = ["BPETokenizer", "CharTokenizer", "TOKENIZERS", "decode_text", "encode_prompt", "load_tokenizer",
+__all__ = ["BPETokenizer", "CharTokenizer", "TOKENIZERS", "Tokenizer", "decode_text", "encode_prompt", "load_tokenizer",
            "register_tokenizer"]

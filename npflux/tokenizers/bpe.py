@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import to_numpy
+from .base import Tokenizer
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
@@ -50,7 +50,7 @@ def _hf():
     return tokenizers
 
 
-class BPETokenizer:
+class BPETokenizer(Tokenizer):
     """Byte-level BPE with ``[PAD] [UNK] [BOS] [EOS]``.
 
     Build one with ``BPETokenizer.train(texts, vocab_size)``, or load one
@@ -117,17 +117,8 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return self._plain.get_vocab_size(with_added_tokens=True)
 
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, BPETokenizer) and other._json == self._json
-
-    def __hash__(self) -> int:
-        return hash(("bpe", self._json))
+    def _identity(self):
+        return self._json
 
     def encode(self, text: str, allow_special: bool = False) -> list:
         """Ids of ``text``; with ``allow_special``, "[BOS]" etc. in the text become their ids."""
@@ -163,15 +154,7 @@ class BPETokenizer:
         A slice of ids that cuts a multi-byte character shows U+FFFD for the
         partial character (whole encodings always decode exactly).
         """
-        ids = to_numpy(ids).reshape(-1) if hasattr(ids, "shape") else np.asarray(list(ids), dtype=np.int64)
-        if ids.size == 0:
-            return ""
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers, got {ids.dtype}")
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(f"id(s) out of range for vocabulary of size {self.vocab_size}: "
-                             f"{sorted(set(ids[bad].tolist()))[:10]}")
+        ids = self._checked_ids(ids)
         return self._plain.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import to_numpy
+from .base import Tokenizer
 
 
-class CharTokenizer:
+class CharTokenizer(Tokenizer):
     """Maps each character of a fixed vocabulary to an integer and back.
 
     ``CharTokenizer(text)`` builds the vocabulary from ``text`` (its sorted
@@ -56,17 +56,8 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.chars)
 
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, CharTokenizer) and other.chars == self.chars
-
-    def __hash__(self) -> int:
-        return hash(("char", self.chars))
+    def _identity(self):
+        return self.chars
 
     def encode_array(self, text: str, dtype=np.int64) -> np.ndarray:
         """Ids of ``text`` as a host NumPy array (fast: no Python loop per character)."""
@@ -89,15 +80,7 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         """The text of ``ids`` (a list, or a NumPy/CuPy integer array)."""
-        ids = to_numpy(ids).reshape(-1) if hasattr(ids, "shape") else np.asarray(list(ids), dtype=np.int64)
-        if ids.size == 0:
-            return ""
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers, got {ids.dtype}")
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(f"id(s) out of range for vocabulary of size {self.vocab_size}: "
-                             f"{sorted(set(ids[bad].tolist()))[:10]}")
+        ids = self._checked_ids(ids)
         return "".join([self.itos[i] for i in ids.tolist()])
 
     def to_dict(self) -> dict:
