@@ -83,7 +83,10 @@ class TransformerDecoder(_Stack):
         dmemory = None
         for layer in reversed(self.layers.items):
             dy, dm = layer.backward(dy)
-            dmemory = dm if dmemory is None else dmemory + dm
+            if dmemory is None:
+                dmemory = dm
+            else:
+                dmemory += dm  # dm is fresh from the layer's backward: add in place, no new array per layer
         return dy, dmemory
 
     @property
