@@ -14,7 +14,6 @@ the reason instead of failing later in some kernel.
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy
 
@@ -109,164 +108,10 @@ def get_array_module(*arrays):
     return numpy
 
 
-# ---------------------------------------------------------------------------
-# CPU worker threads
-# ---------------------------------------------------------------------------
-# NumPy runs its element-wise loops on one core. It releases the GIL inside
-# them and inside BLAS calls, though, so independent pieces of one op (the
-# batch rows of attention) can run on several cores from a few Python threads.
-
-_NUM_THREADS = None   # set_num_threads
-_ENV_THREADS = None   # from the environment, read on first use
-_POOL = None
-
-
-def num_threads() -> int:
-    """Worker threads for npflux's own parallel loops on the CPU.
-
-    ``set_num_threads(n)``, else NPFLUX_NUM_THREADS, else OMP_NUM_THREADS (read once, on first use)
-    (what the benchmarks set for NumPy's BLAS and torch alike), else the
-    CPUs this process may use.
-    """
-    global _ENV_THREADS
-    if _NUM_THREADS is not None:
-        return _NUM_THREADS
-    if _ENV_THREADS is None:  # read once: ops ask for every call
-        _ENV_THREADS = _threads_from_env()
-    return _ENV_THREADS
-
-
-def _threads_from_env() -> int:
-    for var in ("NPFLUX_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.strip().isdigit() and int(value) > 0:
-            return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def set_num_threads(n: int):
-    """Use ``n`` worker threads (1: everything on the calling thread)."""
-    global _NUM_THREADS, _POOL
-    if int(n) < 1:
-        raise ValueError(f"need at least one thread, got {n}")
-    _NUM_THREADS = int(n)
-    if _POOL is not None and _POOL._max_workers != _NUM_THREADS:
-        _POOL.shutdown(wait=True)
-        _POOL = None
-
-
-_BLAS_FNS = None
-_BLAS_PREFIXES = ("openblas", "scipy_openblas", "openblas64_", "scipy_openblas64_")
-
-
-def _blas_fns():
-    """[(get_num_threads, set_num_threads)] of each OpenBLAS loaded in this process.
-
-    Found through /proc/self/maps and ctypes (Linux); an empty list elsewhere,
-    which turns the thread juggling below into a no-op.
-    """
-    global _BLAS_FNS
-    if _BLAS_FNS is None:
-        import ctypes
-
-        _BLAS_FNS = []
-        try:
-            with open("/proc/self/maps") as maps:
-                fields = (line.split() for line in maps)
-                paths = dict.fromkeys(f[-1] for f in fields if len(f) >= 6 and "openblas" in f[-1].lower())
-        except OSError:
-            paths = {}
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix in _BLAS_PREFIXES:
-                for suffix in ("", "64_"):
-                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        _BLAS_FNS.append((get, put))
-    return _BLAS_FNS
-
-
-def blas_threads():
-    """NumPy's OpenBLAS thread count, or None when it cannot be asked."""
-    for get, _ in _blas_fns():
-        return int(get())
-    return None
-
-
-def set_blas_threads(n: int):
-    """Set NumPy's OpenBLAS thread count at run time; returns the new count (None if unknown)."""
-    for _, put in _blas_fns():
-        put(int(n))
-    return blas_threads()
-
-
-def parallel_map(fn, items):
-    """``[fn(item) for item in items]``, spread over the worker threads when there are several.
-
-    Only for work that releases the GIL (NumPy array operations on large
-    enough arrays) and whose items write to disjoint memory. An exception in
-    any item is raised here.
-    """
-    global _POOL
-    items = list(items)
-    n = num_threads()
-    # Already on a worker (a parallel op inside a parallel op): waiting for the
-    # pool from inside it could deadlock, so run here.
-    nested = threading.current_thread().name.startswith("npflux")
-    if n <= 1 or len(items) <= 1 or nested:
-        return [fn(item) for item in items]
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npflux")
-    # The workers already use the cores: a BLAS call inside one must not start
-    # more threads of its own (measured: attention of one shakespeare-n layer
-    # takes 216 ms with single-threaded BLAS in 2 workers, 1462 ms without this).
-    with _single_threaded_blas():
-        return list(_POOL.map(fn, items))
-
-
-_BLAS_LOCK = threading.Lock()
-_BLAS_HOLDS = [0, []]  # callers inside parallel_map now, the thread counts to restore after the last
-
-
-class _single_threaded_blas:
-    """OpenBLAS at one thread while any parallel_map runs (several callers may overlap)."""
-
-    def __enter__(self):
-        with _BLAS_LOCK:
-            if _BLAS_HOLDS[0] == 0:
-                _BLAS_HOLDS[1] = [int(get()) for get, _ in _blas_fns()]
-                for _, put in _blas_fns():
-                    put(1)
-            _BLAS_HOLDS[0] += 1
-
-    def __exit__(self, *exc):
-        with _BLAS_LOCK:
-            _BLAS_HOLDS[0] -= 1
-            if _BLAS_HOLDS[0] == 0:
-                for (_, put), count in zip(_blas_fns(), _BLAS_HOLDS[1]):
-                    put(count)
-
-
-_MIN_SPLIT_ELEMENTS = 1 << 18  # below this a second thread costs more than it saves (measured)
-
-
-def row_chunks(xp, n_rows: int, row_size: int = 1):
-    """Slices covering range(n_rows): one per worker thread when the work
-    (n_rows * row_size elements) is large enough to pay for threads, else one
-    (always one off the CPU, where the device runs the whole array at once)."""
-    big = xp is numpy and n_rows * row_size >= _MIN_SPLIT_ELEMENTS
-    parts = min(num_threads(), n_rows) if big else 1
-    step = -(-n_rows // max(parts, 1)) if n_rows else 1
-    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)] or [slice(0, 0)]
+# The CPU's worker threads and BLAS threads live in npflux.parallel; these
+# names stay importable from here for code written before it.
+from .parallel import (blas_threads, num_threads, parallel_map, row_chunks,  # noqa: E402,F401
+                       set_blas_threads, set_num_threads)
 
 
 def _data_ptr(a) -> int:

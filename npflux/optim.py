@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 
-from .backend import flat_base, get_array_module, parallel_map, row_chunks
+from .backend import flat_base, get_array_module
+from .parallel import parallel_map, row_chunks
 
 
 # ---------------------------------------------------------------------------

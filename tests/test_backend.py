@@ -236,60 +236,77 @@ def test_source_scan_detects_an_import(tmp_path):
     assert len(hits) == 2 and ":3:" in hits[0] and ":5:" in hits[1]
 
 
-def test_parallel_map_order_errors_and_thread_count(monkeypatch):
-    from npflux import backend
+@pytest.fixture
+def thread_state():
+    """Whatever a test does to npflux's threads (workers and BLAS) is undone after it."""
+    from npflux import parallel
 
-    monkeypatch.setattr(backend, "_NUM_THREADS", None)
-    monkeypatch.setattr(backend, "_ENV_THREADS", None)
+    saved = (parallel._NUM_THREADS, parallel._ENV_THREADS, parallel.blas_threads())
+    yield parallel
+    parallel._NUM_THREADS, parallel._ENV_THREADS = saved[:2]
+    if saved[2] is not None:
+        parallel.set_blas_threads(saved[2])
+
+
+def test_parallel_map_order_errors_and_thread_count(monkeypatch, thread_state):
+    parallel = thread_state
+    monkeypatch.setattr(parallel, "_NUM_THREADS", None)
+    monkeypatch.setattr(parallel, "_ENV_THREADS", None)
     monkeypatch.setenv("NPFLUX_NUM_THREADS", "3")
-    assert backend.num_threads() == 3
-    monkeypatch.setattr(backend, "_ENV_THREADS", None)
+    assert parallel.num_threads() == 3
+    monkeypatch.setattr(parallel, "_ENV_THREADS", None)
     monkeypatch.setenv("NPFLUX_NUM_THREADS", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert backend.num_threads() == 2
-    backend.set_num_threads(2)
-    try:
-        assert backend.parallel_map(lambda i: i * i, range(10)) == [i * i for i in range(10)]
+    assert parallel.num_threads() == 2
+    monkeypatch.setattr(parallel, "_ENV_THREADS", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert parallel.num_threads() == parallel.usable_cpus()  # the affinity mask, not the machine's cores
+    parallel.set_num_threads(2)
+    assert parallel.parallel_map(lambda i: i * i, range(10)) == [i * i for i in range(10)]
 
-        def boom(i):
-            if i == 3:
-                raise ValueError("item 3")
-            return i
+    def boom(i):
+        if i == 3:
+            raise ValueError("item 3")
+        return i
 
-        with pytest.raises(ValueError, match="item 3"):
-            backend.parallel_map(boom, range(6))
-        with pytest.raises(ValueError):
-            backend.set_num_threads(0)
-    finally:
-        backend.set_num_threads(1)
-        monkeypatch.setattr(backend, "_NUM_THREADS", None)
-
-
-def test_parallel_map_inside_parallel_map_runs_inline():
-    from npflux import backend
-
-    backend.set_num_threads(2)
-    try:
-        inner = lambda i: backend.parallel_map(lambda j: i * 10 + j, range(3))  # noqa: E731
-        assert backend.parallel_map(inner, range(4)) == [[i * 10 + j for j in range(3)] for i in range(4)]
-    finally:
-        backend.set_num_threads(1)
-        backend._NUM_THREADS = None
+    with pytest.raises(ValueError, match="item 3"):
+        parallel.parallel_map(boom, range(6))
+    with pytest.raises(ValueError):
+        parallel.set_num_threads(0)
 
 
-def test_parallel_map_runs_blas_single_threaded_inside_and_restores():
-    from npflux import backend
+def test_old_backend_names_still_reach_the_thread_control():
+    from npflux import backend, parallel
 
-    if backend.blas_threads() is None:
-        pytest.skip("OpenBLAS's thread control is not reachable here")
-    before = backend.blas_threads()
-    backend.set_num_threads(2)
-    backend.set_blas_threads(2)
-    try:
-        seen = backend.parallel_map(lambda _: backend.blas_threads(), range(4))
-        assert seen == [1, 1, 1, 1]
-        assert backend.blas_threads() == 2
-    finally:
-        backend.set_blas_threads(before)
-        backend.set_num_threads(1)
-        backend._NUM_THREADS = None
+    for name in ("num_threads", "set_num_threads", "parallel_map", "row_chunks", "blas_threads", "set_blas_threads"):
+        assert getattr(backend, name) is getattr(parallel, name)
+
+
+def test_parallel_map_inside_parallel_map_runs_inline(thread_state):
+    parallel = thread_state
+    parallel.set_num_threads(2)
+    inner = lambda i: parallel.parallel_map(lambda j: i * 10 + j, range(3))  # noqa: E731
+    assert parallel.parallel_map(inner, range(4)) == [[i * 10 + j for j in range(3)] for i in range(4)]
+
+
+def test_parallel_map_runs_blas_single_threaded_inside_and_restores(thread_state):
+    """Never more computing threads than num_threads(): workers call a one-thread BLAS."""
+    parallel = thread_state
+    if parallel.blas_threads() is None:
+        pytest.skip("no BLAS that threadpoolctl can control is loaded")
+    parallel.set_num_threads(2)
+    assert parallel.blas_threads() == 2  # set_num_threads caps the BLAS too
+    seen = parallel.parallel_map(lambda _: parallel.blas_threads(), range(4))
+    assert seen == [1, 1, 1, 1]
+    assert parallel.blas_threads() == 2
+    parallel.set_num_threads(1)
+    assert parallel.blas_threads() == 1
+
+
+def test_blas_info_names_library_and_kernel():
+    from npflux import parallel
+
+    info = parallel.blas_info()
+    if not info:
+        pytest.skip("no BLAS that threadpoolctl can control is loaded")
+    assert all("internal_api" in d and "num_threads" in d for d in info)

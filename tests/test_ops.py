@@ -21,7 +21,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from npflux import ops
-from npflux import backend
+from npflux import backend, parallel
 from npflux.backend import get_array_module, get_backend, to_numpy
 from npflux.gradcheck import THRESHOLD, check_op, rel_error
 
@@ -582,7 +582,7 @@ def test_attention_chunked_equals_whole(monkeypatch, mask_kind):
     monkeypatch.setattr(attention_mod, "_CHUNK_BYTES", H * T * T * 8 * 2)  # two batch rows per chunk
     assert len(attention_mod._batch_chunks(np, cache[3])) == 3
     for threads in (1, 3):  # chunks on the calling thread, and spread over worker threads
-        monkeypatch.setattr(backend, "_NUM_THREADS", threads)
+        monkeypatch.setattr(parallel, "_NUM_THREADS", threads)
         out, cache = ops.attention_forward(q, k, v, **kw)
         grads = ops.attention_backward(dout, cache)
         assert rel_error(out, whole_out) < 1e-14
@@ -596,12 +596,12 @@ def test_layernorm_split_over_threads_equals_whole(monkeypatch, dtype):
     r = np.random.default_rng(8)
     x, dy = randn(r, 4, 7, 6, dtype=dtype), randn(r, 4, 7, 6, dtype=dtype)
     gamma, beta = randn(r, 6, dtype=dtype), randn(r, 6, dtype=dtype)
-    monkeypatch.setattr(backend, "_NUM_THREADS", 1)
+    monkeypatch.setattr(parallel, "_NUM_THREADS", 1)
     y1, c1 = ops.layernorm_forward(x, gamma, beta)
     g1 = ops.layernorm_backward(dy, c1)
-    monkeypatch.setattr(backend, "_NUM_THREADS", 3)
-    monkeypatch.setattr(backend, "_MIN_SPLIT_ELEMENTS", 1)
-    assert len(backend.row_chunks(np, 28, 6)) == 3
+    monkeypatch.setattr(parallel, "_NUM_THREADS", 3)
+    monkeypatch.setattr(parallel, "_MIN_SPLIT_ELEMENTS", 1)
+    assert len(parallel.row_chunks(np, 28, 6)) == 3
     y3, c3 = ops.layernorm_forward(x, gamma, beta)
     g3 = ops.layernorm_backward(dy, c3)
     tol = 1e-14 if dtype == np.float64 else 1e-6

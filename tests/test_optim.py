@@ -296,11 +296,13 @@ def test_flatten_parameters_keeps_values_and_shares_one_buffer():
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("wd,grouped,clip", [(0.0, False, None), (0.1, True, 0.5), (0.01, False, 10.0)])
 def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monkeypatch):
-    """The one-buffer fast path (split over worker threads or not) gives bit-for-bit the per-array update."""
-    from npflux import backend
+    """The one-buffer fast path (split over worker threads or not) gives bit-for-bit the per-array update
+    (the update is element-wise, so the order of work cannot change a bit; the clipping norm is a sum
+    whose order differs, so it is compared within its rounding bound)."""
+    from npflux import parallel
 
-    monkeypatch.setattr(backend, "_NUM_THREADS", threads)
-    monkeypatch.setattr(backend, "_MIN_SPLIT_ELEMENTS", 1)
+    monkeypatch.setattr(parallel, "_NUM_THREADS", threads)
+    monkeypatch.setattr(parallel, "_MIN_SPLIT_ELEMENTS", 1)
     flat_model = _tiny_model()
     arrays = {k: v.copy() for k, v in flat_model.params.items()}  # the same values, separate arrays
     grad_arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
@@ -315,7 +317,21 @@ def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monke
             g[...] = r.standard_normal(g.shape)
             grad_arrays[k][...] = g
         if clip:
-            assert optim.clip_grad_norm(flat_model.grads, clip) == optim.clip_grad_norm(grad_arrays, clip)
+            # The two norms sum the same squares in a different order (one dot over the
+            # buffer vs one per array, each ordered by the BLAS kernel), so they agree to
+            # rounding, not to the bit: every term is >= 0, so each computed sum of n
+            # squares is within gamma_n = n*u/(1 - n*u) of the exact one (Higham, Accuracy
+            # and Stability, 3.1), the two squared norms within 2*gamma_n of each other and
+            # the norms (square roots) within about gamma_n.
+            n = sum(g.size for g in grad_arrays.values())
+            u = np.finfo(np.float64).eps / 2
+            norm_flat = optim.clip_grad_norm(flat_model.grads, clip)
+            norm_each = optim.clip_grad_norm(grad_arrays, clip)
+            assert abs(norm_flat - norm_each) <= 2 * n * u / (1 - n * u) * norm_each
+            # The update under test is element-wise, so feed it bit-identical clipped
+            # gradients: the per-array copy takes the flat path's clipped values.
+            for k, g in flat_model.grads.items():
+                grad_arrays[k][...] = g
         opt_flat.step(flat_model.grads)
         opt_each.step(grad_arrays)
     for k, v in flat_model.params.items():

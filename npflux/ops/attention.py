@@ -4,7 +4,8 @@ q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv) -> out (B, H, Tq, Dv).
 """
 import math
 
-from ..backend import check_float, get_array_module, num_threads, parallel_map
+from ..backend import check_float, get_array_module
+from ..parallel import num_threads, parallel_map
 
 
 def causal_mask(Tq, Tk, xp):

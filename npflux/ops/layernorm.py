@@ -1,5 +1,6 @@
 """Layer normalisation over the last axis."""
-from ..backend import check_float, get_array_module, parallel_map, row_chunks
+from ..backend import check_float, get_array_module
+from ..parallel import parallel_map, row_chunks
 
 
 def _row_mean(a2, xp):
