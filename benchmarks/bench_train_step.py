@@ -1,37 +1,81 @@
-"""Training step (zero_grad, forward, backward, AdamW) and forward-only: npflux vs PyTorch, one run.
+"""Training step (zero_grad, forward, backward, AdamW): npflux vs PyTorch, each in its own process.
 
-    python benchmarks/bench_train_step.py [--quick] [--reps 20] [--big-reps 5] [--threads N] [--no-torch]
+    python benchmarks/bench_train_step.py [--presets shakespeare-s1 ...] [--threads N]
+        [--rounds 3] [--steps 40] [--device cpu|cuda] [--no-torch] [--profile] [--out PATH]
 
-Presets and batch shapes: shakespeare-s1 and s2 at 16 x 32, shakespeare-n at
-64 x 256 (skipped by --quick; --big-reps repeats). Also reports tokens/s and
-model FLOP utilisation against NumPy's own float32 matmul throughput,
-measured in the same run.
+The method is benchmarks/harness.py's: every candidate (npflux; the PyTorch
+reference in the published gpt.py style; the PyTorch reference in the modern
+style, fused q/k/v and scaled_dot_product_attention) runs in a fresh process
+of its own, in turn, ``--rounds`` times; each process times ``--steps`` steps
+after warm-up and reports its median; the table gives the median over
+processes. Ratio = npflux / PyTorch (below 1: npflux faster). MFU is the
+step's matrix FLOPs per second over the float32 matrix rate that NumPy (CuPy
+on cuda) reaches in its own process in the same run.
+
+Batch shapes: shakespeare-s1 and s2 at 16 x 32, shakespeare-n at 64 x 256.
 """
-import _env  # noqa: F401  (threads before numpy)
-
 import argparse
 
-from npflux import bench
+import harness
+
+SHAPES = {"shakespeare-s1": (16, 32), "shakespeare-s2": (16, 32), "shakespeare-n": (64, 256)}
+COLUMNS = [("preset", "preset", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
+           ("npflux_ms", "npflux ms", "{:.2f}"), ("torch_published_ms", "torch published ms", "{:.2f}"),
+           ("ratio_published", "ratio", "{:.2f}"), ("torch_modern_ms", "torch modern ms", "{:.2f}"),
+           ("ratio_modern", "ratio", "{:.2f}"), ("npflux_mfu", "npflux MFU", "{:.0%}")]
 
 
 def main():
-    p = _env.common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    p.add_argument("--big-reps", type=int, default=5, help="repeats for shakespeare-n (64 x 256)")
-    p.add_argument("--presets", nargs="+", help="presets (default: s1 s2 n; --quick: s1 s2)")
-    p.add_argument("--no-forward", dest="forward", action="store_false", help="skip the forward-only rows")
-    p.add_argument("--gemm-n", type=int, default=1024, help="size of the square sgemm for the MFU peak")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=list(SHAPES))
+    p.add_argument("--threads", type=int, help="threads for each library (default: each library's own default)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per candidate")
+    p.add_argument("--steps", type=int, help="timed steps per process (default 40; 10 for shakespeare-n on cpu)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--profile", action="store_true", help="(cuda) kernels and runtime calls of one step")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/train_step[_cuda].json)")
     args = p.parse_args()
-    reps = args.reps or (3 if args.quick else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    presets = args.presets or (["shakespeare-s1", "shakespeare-s2"] if args.quick else list(bench.TRAIN_SHAPES))
-    info, write = _env.setup(args, "train_step")
-    peak = bench.sgemm_gflops(n=args.gemm_n, reps=3 if args.quick else 10)
-    print(f"float32 sgemm {args.gemm_n}^2 median: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items() if k != "n"))
-    res = bench.bench_train_step(presets, reps=reps, warmup=warmup, big_reps=args.big_reps, use_torch=args.torch,
-                                 forward=args.forward, peak=peak)
-    print("\nmedian times; ratio = npflux / torch (> 1: npflux slower); MFU = model FLOPs/s / numpy sgemm GFLOP/s")
-    print(bench.format_table(res["rows"], bench.TRAIN_COLUMNS))
-    write(res)
+
+    info = harness.machine()
+    if args.device == "cuda":
+        info["gpu"] = harness.gpu_model()
+    print(f"train_step on {info['cpu']} ({info['cpus_usable']} usable CPUs){', ' + info['gpu'] if args.device == 'cuda' else ''}; "
+          f"threads {args.threads or 'library default'}; load average {info['load_average']}")
+    common = ["--device", args.device, "--warmup", args.warmup] + (["--threads", args.threads] if args.threads else [])
+    gemm = harness.alternate({"sgemm_numpy": ["--lib", "sgemm_numpy", "--steps", 10, *common]}, rounds=args.rounds)
+    peak = gemm["sgemm_numpy"]["flops_per_call"] / gemm["sgemm_numpy"]["median_s"]
+    print(f"float32 matrix rate (1024^3, its own process): {peak / 1e9:.1f} GFLOP/s")
+    rows, raw = [], {}
+    for preset in args.presets:
+        B, T = SHAPES[preset]
+        steps = args.steps or (10 if preset == "shakespeare-n" and args.device == "cpu" else 40)
+        base = ["--preset", preset, "--batch", B, "--block", T, "--steps", steps, *common]
+        if args.profile:
+            base.append("--profile")
+        cands = {"npflux": ["--lib", "npflux", *base]}
+        if args.torch:
+            cands["torch_published"] = ["--lib", "torch_published", *base]
+            cands["torch_modern"] = ["--lib", "torch_modern", *base]
+        print(f"{preset} {B}x{T}:")
+        res = harness.alternate(cands, rounds=args.rounds)
+        raw[preset] = res
+        row = {"preset": preset, "B": B, "T": T, "npflux_ms": res["npflux"]["median_s"] * 1e3,
+               "npflux_mfu": res["npflux"]["flops_per_call"] / res["npflux"]["median_s"] / peak}
+        for style in ("published", "modern"):
+            if f"torch_{style}" in res:
+                row[f"torch_{style}_ms"] = res[f"torch_{style}"]["median_s"] * 1e3
+                row[f"ratio_{style}"] = row["npflux_ms"] / row[f"torch_{style}_ms"]
+        rows.append(row)
+    info["load_average_after"] = harness.machine()["load_average"]
+    info["blas"] = gemm["sgemm_numpy"]["blas"]
+    print("\nmedians over processes; ratio = npflux / torch (< 1: npflux faster)")
+    print(harness.table(rows, COLUMNS))
+    name = "train_step" if args.device == "cpu" else "train_step_cuda"
+    path = harness.write(name, {"benchmark": name, "machine": info, "settings": vars(args),
+                                "sgemm_gflops": peak / 1e9, "rows": rows, "raw": raw}, args.out)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def main(argv=None):
         cfg = GPTConfig.from_preset(args.preset, **json.loads(args.config or "{}"))
         B = args.batch or TRAIN_PRESETS.get(args.preset, {}).get("batch_size", 16)
         T = args.block or cfg.block_size
-        info.update(batch=B, block=T, config=dict(cfg))
+        info.update(batch=B, block=T, config=cfg.to_dict())
         if args.lib == "npflux":
             import npflux
             from npflux import parallel
@@ -211,7 +211,7 @@ def main(argv=None):
             info["torch_threads"] = torch.get_num_threads()
             info["torch_version"] = torch.__version__
             step = _torch_step(cfg, B, T, args.lib.split("_", 1)[1], args.device, args.dtype)
-        from npflux.bench_flops import train_step_flops
+        from npflux.bench import train_step_flops
 
         info["flops_per_call"] = train_step_flops(cfg, B, T)["total"]
     info["setup_s"] = time.perf_counter() - t_import
