@@ -139,19 +139,25 @@ def _profile_cuda(step, lib):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        kernels, runtime, kernel_us = 0, {}, 0.0
+        kernels, runtime, kernel_us, by_name = 0, {}, 0.0, {}
         for ev in prof.events():
             dev_type = str(getattr(ev, "device_type", ""))
             name = ev.name
             if "CUDA" in dev_type and not name.startswith(("cuda", "Memcpy", "Memset")):
                 kernels += 1
-                kernel_us += getattr(ev, "device_time", 0.0) or getattr(ev, "cuda_time", 0.0) or 0.0
+                us = getattr(ev, "device_time", 0.0) or getattr(ev, "cuda_time", 0.0) or 0.0
+                kernel_us += us
+                n_us = by_name.setdefault(name[:80], [0, 0.0])
+                n_us[0] += 1
+                n_us[1] += us
             elif name.startswith("cuda"):
                 runtime[name] = runtime.get(name, 0) + 1
         syncs = {k: v for k, v in runtime.items() if "ynchronize" in k or "Memcpy" in k}
         launches = sum(v for k, v in runtime.items() if "Launch" in k)
         return {"kernels": kernels, "kernel_time_us": kernel_us, "launch_calls": launches,
-                "sync_and_copy_calls": syncs, "runtime_calls": runtime}
+                "sync_and_copy_calls": syncs, "runtime_calls": runtime,
+                "top_kernels": sorted(([k, c, round(t, 1)] for k, (c, t) in by_name.items()),
+                                      key=lambda r: -r[2])[:15]}
     except Exception as exc:  # the profiler is a diagnostic: never fail the timing for it
         return {"error": f"{type(exc).__name__}: {exc}"}
 

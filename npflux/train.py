@@ -36,6 +36,11 @@ TRAIN_PRESETS = {
     "shakespeare-n": dict(batch_size=64, max_iters=5000, eval_interval=500, eval_iters=200, learning_rate=1e-3,
                           lr_schedule="cosine", warmup_iters=100, min_lr=1e-4, beta2=0.99, weight_decay=0.1,
                           decay_matrices_only=True, grad_clip=1.0),
+    # nanoGPT's README CPU command: --max_iters=2000 --lr_decay_iters=2000 --eval_iters=20 and its
+    # shakespeare_char config (lr 1e-3, warmup 100, cosine to 1e-4, beta2 0.99, eval every 250).
+    "nanogpt-cpu": dict(batch_size=12, max_iters=2000, eval_interval=250, eval_iters=20, learning_rate=1e-3,
+                        lr_schedule="cosine", warmup_iters=100, min_lr=1e-4, beta2=0.99, weight_decay=0.1,
+                        decay_matrices_only=True, grad_clip=1.0),
     # Sized for about 10 minutes on one shared CPU thread (README, NeuraFlux section), not for the best loss.
     "neuraflux": dict(batch_size=16, max_iters=500, eval_interval=100, eval_iters=10, learning_rate=2e-3,
                       lr_schedule="cosine", warmup_iters=50, min_lr=2e-4, beta2=0.99, weight_decay=0.1,

@@ -64,6 +64,11 @@ PRESETS = {
     "shakespeare-s1": dict(_CHAR, block_size=32, n_layer=4, n_head=4, n_embd=64, dropout=0.0, init="torch"),
     "shakespeare-s2": dict(_CHAR, block_size=32, n_layer=6, n_head=6, n_embd=192, dropout=0.0, init="torch"),
     "shakespeare-n": dict(_CHAR, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    # nanoGPT's "baby GPT" of its README's CPU command (shakespeare_char with --block_size=64 --batch_size=12
+    # --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0): nanoGPT's architecture, GELU, no biases, tied head,
+    # GPT-2 initialisation with the scaled residual projections.
+    "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False,
+                        qkv_bias=False, scaled_proj_init=True),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, scaled_proj_init=True),
     # NeuraFlux: 6 layers, 6 heads, a 10,000-token byte-level BPE vocabulary (npflux.tokenizers.BPETokenizer),
     # GPT-2 blocks with learned positions and a tied head. Its "1.45 million parameters" fit a width of 90

@@ -158,5 +158,5 @@ class FeedForward(Module):
 
     def backward(self, dy):
         dh = self.c_proj.backward(self.dropout.backward(dy))
-        kw = {"out": dh} if self.activation == "relu" else {}  # dh is ours too
+        kw = {"out": dh}  # dh is ours: the activation's gradient may overwrite it
         return self.c_fc.backward(self.act_backward(dh, self.act_cache, **kw))
