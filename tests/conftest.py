@@ -10,6 +10,12 @@
   ``HYPOTHESIS_PROFILE=<name>`` to pick another registered profile.
 - ``shared_data_dir``: the folder with the real corpora (``$NPFLUX_DATA_DIR``
   or ``../../shared/data`` next to the checkout), skipped where missing.
+- ``dev(x, like=None)`` / ``host(x)``: the suite runs on the default backend
+  (``NPFLUX_BACKEND``, NumPy unless set), so a test builds its inputs on the
+  host and moves them with ``dev`` (to the default backend, or to the backend
+  of ``like``: a module, a Backend, a backend name or an array), and brings
+  results back with ``host`` before any NumPy comparison. Both are no-ops on
+  NumPy, so a NumPy run checks exactly what it always did.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from npflux.backend import cupy_available, get_backend
+from npflux.backend import Backend, backend_of, cupy_available, get_backend, to_numpy
 
 # --------------------------------------------------------------------------
 # Hypothesis
@@ -72,6 +78,42 @@ def backend(request):
 def xp(backend):
     """The array module of the ``backend`` fixture."""
     return backend.xp
+
+
+# --------------------------------------------------------------------------
+# Moving test data between the host and the backend under test
+# --------------------------------------------------------------------------
+def backend_for(like=None) -> Backend:
+    """The Backend of ``like``: a Module (or anything with a ``backend``), a Backend, a
+    backend name, an array; the default backend (NPFLUX_BACKEND) for None."""
+    if like is None or isinstance(like, (str, Backend)):
+        return get_backend(like)
+    b = getattr(like, "backend", None)
+    if isinstance(b, Backend):
+        return b
+    return backend_of(like)
+
+
+def dev(x, like=None, dtype=None):
+    """``x`` (a host array or value) on the default backend, or on the backend of ``like``.
+
+    A no-op for a NumPy array on NumPy (no copy, same dtype unless ``dtype`` is given).
+    """
+    return backend_for(like).asarray(x, dtype=dtype)
+
+
+def host(x):
+    """``x`` on the host: a CuPy array becomes a NumPy array (tuples, lists and dicts
+    are converted element-wise); anything else, NumPy arrays included, is returned as is."""
+    if type(x).__module__.startswith("cupy"):
+        return to_numpy(x)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+        return type(x)(*(host(v) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(host(v) for v in x)
+    if isinstance(x, dict):
+        return {k: host(v) for k, v in x.items()}
+    return x
 
 
 # --------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from npflux.tokenizers.char import CharTokenizer
 from npflux.train_seq2seq import load_seq2seq, model_config_for, save_seq2seq
 from npflux.viz import gpt_attention, plot_attention, select_panels, seq2seq_attention, token_label
 
+from conftest import host
+
 
 def run(argv):
     buf = io.StringIO()
@@ -88,7 +90,7 @@ def test_seq2seq_attention_kinds(s2s_ckpt):
     np.testing.assert_allclose(cross["weights"].sum(-1), 1.0, rtol=1e-5)
     # the weights drawn are the model's own, teacher-forced on BOS + the target
     model.forward(task.encode_sources([src]), np.array([[task.bos_id, *task.tokenizer.encode("1998-03-03")]]))
-    np.testing.assert_array_equal(cross["weights"], np.stack([w[0] for w in model.cross_attention_weights]))
+    np.testing.assert_array_equal(host(cross["weights"]), np.stack([host(w[0]) for w in model.cross_attention_weights]))
     enc = seq2seq_attention(model, task.tokenizer, src, target="1998-03-03", kind="encoder")
     assert enc["weights"].shape == (1, 2, len(src), len(src))
     dec = seq2seq_attention(model, task.tokenizer, src, target="1998-03-03", kind="decoder")

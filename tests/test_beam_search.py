@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from npflux.generate import beam_search, generate_stream, sequence_logprob
 from npflux.models import GPT, GPTConfig
 
+from conftest import host
+
 
 def tiny(vocab=5, block=8, seed=0, dtype="float64"):
     cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=1, n_head=2, n_embd=8)
@@ -27,7 +29,7 @@ def exhaustive(model, prompt, length, alpha, eos_id=None):
     conts = np.array(list(itertools.product(range(V), repeat=length)), dtype=np.int64)
     seqs = np.concatenate([np.repeat(np.asarray(prompt)[None], len(conts), axis=0), conts], axis=1)
     model.eval()
-    logits = model.forward(seqs[:, :-1])[0][:, len(prompt) - 1 :, :]
+    logits = host(model.forward(seqs[:, :-1])[0])[:, len(prompt) - 1 :, :]
     logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
     prefix_logp = np.cumsum(np.take_along_axis(logp, conts[:, :, None], axis=-1)[..., 0], axis=1)
     found = []
@@ -47,7 +49,7 @@ def exhaustive(model, prompt, length, alpha, eos_id=None):
 def test_width_one_is_greedy(seed, prompt_len, n_new):
     model = tiny(seed=seed)
     prompt = np.random.default_rng(seed).integers(0, 5, prompt_len)
-    greedy = model.generate(prompt[None], n_new, temperature=0)[0]
+    greedy = host(model.generate(prompt[None], n_new, temperature=0))[0]
     seqs, scores = beam_search(model, prompt, beam_width=1, max_new_tokens=n_new, length_penalty=0.0)
     assert len(seqs) == 1
     np.testing.assert_array_equal(seqs[0], greedy)
@@ -136,7 +138,7 @@ def reference_beam_search(model, prompt, k, n_new, alpha, eos_id):
     for step in range(n_new):
         cands = []
         for toks, lp in beams:  # in beam order, then token order: ties go to the earlier, as in beam_search
-            logits = model.forward(np.concatenate([prompt, toks]).astype(np.int64)[None])[0][0, -1]
+            logits = host(model.forward(np.concatenate([prompt, toks]).astype(np.int64)[None])[0])[0, -1]
             logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
             cands += [(lp + logp[v], toks + (v,)) for v in range(V)]
         order = sorted(range(len(cands)), key=lambda i: -cands[i][0])[: 2 * k]
@@ -245,12 +247,13 @@ def test_a_tiny_temperature_samples_the_greedy_tokens(dtype):
     """logits / 1e-40 overflows float32: without care every row sampled token 0 from nan probabilities."""
     model = tiny(vocab=11, block=8, seed=0, dtype=dtype)
     idx = np.array([[3, 4], [1, 2]])
-    greedy = model.generate(idx, 6, temperature=0)
+    greedy = host(model.generate(idx, 6, temperature=0))
     assert (greedy[:, 2:] != 0).any()  # a greedy path that is not all token 0, so the check means something
     with np.errstate(over="ignore"):
         for temperature in (1e-40, 1e-300, 5e-324):
             for kw in ({}, {"top_k": 3, "top_p": 0.5}):
-                np.testing.assert_array_equal(model.generate(idx, 6, temperature=temperature, seed=0, **kw), greedy)
+                sampled = host(model.generate(idx, 6, temperature=temperature, seed=0, **kw))
+                np.testing.assert_array_equal(sampled, greedy)
 
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(1, 12))
 def test_top_candidates_are_a_stable_sort_with_ties(values, n):

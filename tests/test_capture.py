@@ -6,6 +6,8 @@ from npflux import GPT, GPTConfig
 from npflux.capture import capture, capture_points, match_points
 from npflux.nn import Module
 
+from conftest import dev, host
+
 
 def tiny_gpt(activation="relu", dtype="float64", n_layer=2):
     c = GPTConfig(vocab_size=11, block_size=8, n_layer=n_layer, n_head=2, n_embd=8, activation=activation,
@@ -13,7 +15,7 @@ def tiny_gpt(activation="relu", dtype="float64", n_layer=2):
     model = GPT(c, seed=3, dtype=dtype)
     rng = np.random.default_rng(0)
     for p in model.params.values():  # O(1) weights: zero biases / unit gains would hide a wrong recording
-        p[...] = 0.5 * rng.standard_normal(p.shape)
+        p[...] = dev(0.5 * rng.standard_normal(p.shape), like=p)
     return model
 
 
@@ -54,10 +56,10 @@ def test_captured_values_equal_a_manual_forward(activation):
     assert len(acts) == 2 + 4 * model.config.n_layer
     for name in acts:
         assert acts[name].shape == ref[name].shape, name
-        np.testing.assert_allclose(acts[name], ref[name], rtol=1e-13, atol=1e-13, err_msg=name)
-    np.testing.assert_allclose(logits, ref["logits"], rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(host(acts[name]), host(ref[name]), rtol=1e-13, atol=1e-13, err_msg=name)
+    np.testing.assert_allclose(host(logits), host(ref["logits"]), rtol=1e-13, atol=1e-13)
     assert acts["transformer.h.0.attn.weights"].shape == (2, 2, 7, 7)
-    np.testing.assert_allclose(acts["transformer.h.1.attn.weights"].sum(-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(host(acts["transformer.h.1.attn.weights"].sum(-1)), 1.0, rtol=1e-12)
     assert acts["transformer.h.1.mlp.hidden"].shape == (2, 7, 32)
     if activation == "relu":  # the ReLU overwrites c_fc's output in place; the capture copied it first
         assert (acts["transformer.h.0.mlp.hidden"] >= 0).all()
@@ -68,7 +70,7 @@ def test_capture_copies_what_is_later_overwritten():
     model = tiny_gpt("relu")
     with capture(model, ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.hidden"]) as acts:
         model.forward(ids())
-    pre, post = acts["transformer.h.0.mlp.c_fc"], acts["transformer.h.0.mlp.hidden"]
+    pre, post = host(acts["transformer.h.0.mlp.c_fc"]), host(acts["transformer.h.0.mlp.hidden"])
     assert (pre < 0).any()
     np.testing.assert_array_equal(post, np.maximum(pre, 0))
 
@@ -98,16 +100,16 @@ def test_unused_or_finished_capture_leaves_the_model_bit_identical():
     assert _no_wrappers(model)
     model.zero_grad()
     logits2, loss2 = model.forward(idx, y)
-    np.testing.assert_array_equal(logits0, logits1)
-    np.testing.assert_array_equal(logits0, logits2)
+    np.testing.assert_array_equal(host(logits0), host(logits1))
+    np.testing.assert_array_equal(host(logits0), host(logits2))
     assert loss0 == loss1 == loss2
     for k in grads0:
-        np.testing.assert_array_equal(grads0[k], grads1[k], err_msg=k)
+        np.testing.assert_array_equal(host(grads0[k]), host(grads1[k]), err_msg=k)
     assert acts["transformer.h.0"].dtype == np.float32
     # the recorded arrays are copies: a later forward does not change them
     before = acts["transformer.h.1"].copy()
     model.forward(ids(seed=9))
-    np.testing.assert_array_equal(acts["transformer.h.1"], before)
+    np.testing.assert_array_equal(host(acts["transformer.h.1"]), host(before))
 
 
 def test_capture_is_removed_after_an_error():
@@ -180,7 +182,7 @@ def test_any_module_tree_works():
 
     root = Module()
     root.first = Linear(3, 4, dtype="float64")
-    x = np.ones((2, 3))
+    x = dev(np.ones((2, 3)), like=root.first)
     with capture(root, ["first"]) as acts:
         y = root.first.forward(x)
-    np.testing.assert_array_equal(acts["first"], y)
+    np.testing.assert_array_equal(host(acts["first"]), host(y))

@@ -222,7 +222,7 @@ def test_checkpoint_moves_between_backends_bit_for_bit(tmp_path, save_on, load_o
     for dtype in ("float32", "float64"):
         model = GPT(cfg, seed=3, backend=save_on, dtype=dtype)
         d = ckpt.save_checkpoint(tmp_path / f"{save_on}-{dtype}", model.state_dict(),
-                                 {"model": dict(cfg), "train": {"dtype": dtype}})
+                                 {"model": cfg.to_dict(), "train": {"dtype": dtype}})
         loaded, _, _ = model_from_checkpoint(d, backend=load_on)
         assert loaded.backend.name == load_on
         for k, v in model.params.items():

@@ -15,6 +15,8 @@ from npflux import GPT, GPTConfig
 from npflux.models.gpt import PRESETS, load_gpt2_safetensors
 from npflux.optim import AdamW
 
+from conftest import dev, host
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
@@ -32,8 +34,8 @@ LAYOUTS = pytest.mark.parametrize("layout", [GPT2_LAYOUT, CHAR_LAYOUT], ids=["gp
 
 
 def rel(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    a = np.asarray(host(a), dtype=np.float64)
+    b = np.asarray(host(b), dtype=np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     scale = max(np.linalg.norm(a), np.linalg.norm(b))
     return 0.0 if scale == 0 else float(np.linalg.norm(a - b) / scale)
@@ -44,9 +46,9 @@ def randomize(model, seed=0, scale=0.3):
     rng = np.random.default_rng(seed)
     for name, p in model.params.items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            p[...] = 1.0 + 0.2 * rng.standard_normal(p.shape)
+            p[...] = dev(1.0 + 0.2 * rng.standard_normal(p.shape), like=p)
         else:
-            p[...] = scale * rng.standard_normal(p.shape)
+            p[...] = dev(scale * rng.standard_normal(p.shape), like=p)
     return model
 
 
@@ -120,7 +122,7 @@ def torch_params(tmodel):
 
 
 def to_torch(v, name):
-    a = np.asarray(v)
+    a = np.asarray(host(v))
     return torch.from_numpy(np.ascontiguousarray(a.T if _is_linear_weight(name) else a))
 
 
@@ -158,7 +160,7 @@ def test_forward_backward_match_torch_float64(layout):
     grads = model.grads
     assert set(grads) == set(tp)
     for name, g in grads.items():
-        assert np.abs(g).sum() > 0, f"{name} has no gradient"
+        assert np.abs(host(g)).sum() > 0, f"{name} has no gradient"
         assert rel(g, from_torch(tp[name].grad, name)) <= 1e-8, name
 
 
@@ -207,6 +209,7 @@ def test_adamw_steps_match_torch(layout, weight_decay):
         assert abs(float(loss) - tloss.item()) <= 1e-10 * abs(tloss.item()), step
     tp = torch_params(tmodel)
     for name, p in model.params.items():
+        p = host(p)
         ref = from_torch(tp[name], name)
         if name.endswith("attn.c_attn.bias"):
             # The key bias adds the same q.b_k to every score of a row, which the
@@ -254,7 +257,8 @@ def test_backward_without_targets_raises():
 def _directional(f, x, grad, eps=1e-6, num_directions=3, seed=0):
     """|<grad, u> - (f(x + eps u) - f(x - eps u)) / 2 eps| / max(||grad||, |numerical|), worst over u."""
     if directional_error is not None:
-        return directional_error(f, x, grad, np.asarray(1.0), eps=eps, num_directions=num_directions, seed=seed)
+        return directional_error(f, x, grad, dev(np.asarray(1.0), like=x), eps=eps, num_directions=num_directions,
+                                 seed=seed)
     rng, x0, worst = np.random.default_rng(seed), x.copy(), 0.0  # pragma: no cover
     for _ in range(num_directions):  # pragma: no cover
         u = rng.standard_normal(x.shape)
@@ -291,7 +295,7 @@ def test_numerical_gradients_whole_model(layout):
         assert err <= 1e-7, (name, err)
     if numerical_gradient is not None:  # one small parameter element by element
         name = "transformer.ln_f.bias"
-        num = numerical_gradient(loss, params[name], np.asarray(1.0))
+        num = numerical_gradient(loss, params[name], dev(np.asarray(1.0), like=params[name]))
         assert rel(num, grads[name]) <= 1e-7
 
 
@@ -353,14 +357,14 @@ def hf_style_state(model, prefix=True, with_head=True, buffers=True):
     c = model.config
     state = {}
     for name, p in model.params.items():
-        state[name if prefix else name.replace("transformer.", "", 1)] = np.array(p)
+        state[name if prefix else name.replace("transformer.", "", 1)] = np.array(host(p))
     if buffers:
         for i in range(c.n_layer):
             h = ("transformer." if prefix else "") + f"h.{i}.attn."
             state[h + "bias"] = np.tril(np.ones((1, 1, c.block_size, c.block_size), dtype=bool))
             state[h + "masked_bias"] = np.asarray(-1e4, dtype=np.float32)
     if with_head and c.tie_weights:
-        state["lm_head.weight"] = np.array(model.params["transformer.wte.weight"])
+        state["lm_head.weight"] = np.array(host(model.params["transformer.wte.weight"]))
     return state
 
 
@@ -397,9 +401,9 @@ def test_load_hf_layout_torch_tensors(prefix):
     model = GPT(src.config, seed=1, dtype="float64")
     model.load_state_dict(state)
     for name, p in src.params.items():
-        assert np.array_equal(model.params[name], p), name
+        assert np.array_equal(host(model.params[name]), host(p)), name
     idx = batch(0)[0]
-    assert np.array_equal(model.forward(idx)[0], src.forward(idx)[0])
+    assert np.array_equal(host(model.forward(idx)[0]), host(src.forward(idx)[0]))
 
 
 @pytest.mark.parametrize("with_head", [True, False])
@@ -415,7 +419,7 @@ def test_load_gpt2_safetensors_without_prefix(tmp_path, with_head):
     assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (V, T, L, 3, C)
     assert c.tie_weights and c.activation == "gelu" and c.qkv_bias and c.bias and not c.lm_head_bias
     for name, p in src.params.items():
-        assert np.array_equal(model.params[name], p), name
+        assert np.array_equal(host(model.params[name]), host(p)), name
     idx = batch(0)[0]
     assert rel(model.forward(idx)[0], src.forward(idx)[0]) == 0.0
     assert npflux.load_gpt2_safetensors is load_gpt2_safetensors
@@ -487,8 +491,8 @@ PROMPT = np.array([[1, 2, 3], [4, 5, 6]])
                          ids=["greedy", "sample", "top_k", "top_p", "top_k+top_p"])
 def test_cached_equals_uncached_past_block_size(gen_model, kwargs):
     n = 2 * T + 3  # well past block_size: the window slides
-    cached = gen_model.generate(PROMPT, n, **kwargs)
-    uncached = gen_model.generate(PROMPT, n, use_cache=False, **kwargs)
+    cached = host(gen_model.generate(PROMPT, n, **kwargs))
+    uncached = host(gen_model.generate(PROMPT, n, use_cache=False, **kwargs))
     assert cached.shape == (2, 3 + n)
     assert np.array_equal(cached[:, :3], PROMPT)
     assert np.array_equal(cached, uncached)
@@ -497,43 +501,43 @@ def test_cached_equals_uncached_past_block_size(gen_model, kwargs):
 
 def test_prompt_longer_than_block_size(gen_model):
     prompt = np.random.default_rng(0).integers(0, V, size=(1, T + 4))
-    a = gen_model.generate(prompt, 5, temperature=0)
-    b = gen_model.generate(prompt, 5, temperature=0, use_cache=False)
+    a = host(gen_model.generate(prompt, 5, temperature=0))
+    b = host(gen_model.generate(prompt, 5, temperature=0, use_cache=False))
     assert np.array_equal(a, b) and a.shape == (1, T + 9)
 
 
 def test_greedy_is_argmax_of_uncached_logits(gen_model):
-    out = gen_model.generate(PROMPT, T + 4, temperature=0)
+    out = host(gen_model.generate(PROMPT, T + 4, temperature=0))
     for t in range(PROMPT.shape[1], out.shape[1]):
         logits, _ = gen_model.forward(out[:, :t][:, -T:])
-        assert np.array_equal(out[:, t], logits[:, -1].argmax(axis=-1)), t
+        assert np.array_equal(out[:, t], host(logits[:, -1].argmax(axis=-1))), t
 
 
 def test_top_k_1_is_greedy_and_seeds_reproduce(gen_model):
-    greedy = gen_model.generate(PROMPT, 10, temperature=0)
-    assert np.array_equal(gen_model.generate(PROMPT, 10, temperature=1.5, top_k=1, seed=0), greedy)
-    a = gen_model.generate(PROMPT, 10, seed=11)
-    b = gen_model.generate(PROMPT, 10, seed=11)
-    c = gen_model.generate(PROMPT, 10, seed=12)
+    greedy = host(gen_model.generate(PROMPT, 10, temperature=0))
+    assert np.array_equal(host(gen_model.generate(PROMPT, 10, temperature=1.5, top_k=1, seed=0)), greedy)
+    a = host(gen_model.generate(PROMPT, 10, seed=11))
+    b = host(gen_model.generate(PROMPT, 10, seed=11))
+    c = host(gen_model.generate(PROMPT, 10, seed=12))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
-    assert np.array_equal(gen_model.generate(PROMPT, 0), PROMPT)
+    assert np.array_equal(host(gen_model.generate(PROMPT, 0)), PROMPT)
 
 
 def test_generate_stops_when_every_row_reached_eos(gen_model):
     one = PROMPT[:1]
-    full = gen_model.generate(one, 12, seed=3)
+    full = host(gen_model.generate(one, 12, seed=3))
     P = one.shape[1]
     eos = int(full[0, P + 4])  # make the 5th sampled token the end mark
     first = P + int(np.flatnonzero(full[0, P:] == eos)[0])
-    out = gen_model.generate(one, 12, seed=3, eos_id=eos)
+    out = host(gen_model.generate(one, 12, seed=3, eos_id=eos))
     assert np.array_equal(out, full[:, : first + 1])  # the same tokens, up to and with the first [EOS]
     never = next(v for v in range(gen_model.config.vocab_size) if v not in full[0, P:])
-    assert np.array_equal(gen_model.generate(one, 12, seed=3, eos_id=never), full)
+    assert np.array_equal(host(gen_model.generate(one, 12, seed=3, eos_id=never)), full)
     # two rows: a row that ended runs on until the other ends too
-    both = gen_model.generate(PROMPT, 12, seed=3)
+    both = host(gen_model.generate(PROMPT, 12, seed=3))
     only_first = next(v for v in both[0, P:].tolist() if v not in both[1, P:].tolist())
-    assert np.array_equal(gen_model.generate(PROMPT, 12, seed=3, eos_id=only_first), both)
+    assert np.array_equal(host(gen_model.generate(PROMPT, 12, seed=3, eos_id=only_first)), both)
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.5), dict(top_p=0.0), dict(top_k=0), dict(top_p=1.5),
@@ -564,12 +568,12 @@ def test_dropout_only_in_train_mode():
     plain = make_model(GPT2_LAYOUT, dropout=0.0)
     idx = batch(0)[0]
     model.train()
-    a, b = model.forward(idx)[0], model.forward(idx)[0]
+    a, b = host(model.forward(idx)[0]), host(model.forward(idx)[0])
     assert not np.allclose(a, b)
     model.eval()
-    c, d = model.forward(idx)[0], model.forward(idx)[0]
+    c, d = host(model.forward(idx)[0]), host(model.forward(idx)[0])
     assert np.array_equal(c, d)
-    assert np.array_equal(c, plain.forward(idx)[0])
+    assert np.array_equal(c, host(plain.forward(idx)[0]))
 
 
 def _modes(model):
@@ -587,9 +591,9 @@ def _modes(model):
 def test_generate_restores_training_mode(training):
     model = make_model(GPT2_LAYOUT, dropout=0.3)
     model.train(training)
-    a = model.generate(PROMPT, 6, seed=1)
+    a = host(model.generate(PROMPT, 6, seed=1))
     assert _modes(model) == {training}
-    b = model.generate(PROMPT, 6, seed=1)
+    b = host(model.generate(PROMPT, 6, seed=1))
     assert np.array_equal(a, b)  # sampling ran in eval mode: no dropout noise
     model.train(training)
     with pytest.raises(ValueError):

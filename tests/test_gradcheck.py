@@ -14,6 +14,8 @@ from npflux.gradcheck import (
     rel_error,
 )
 
+from conftest import dev
+
 
 def _rng(seed=0):
     return np.random.default_rng(seed)
@@ -277,8 +279,8 @@ def test_check_module_on_npflux_linear():
         pytest.skip("npflux.nn.Linear not written yet")
     m = nn.Linear(4, 3, dtype="float64")
     for p in m.params.values():
-        p[...] = _rng(1).standard_normal(p.shape)
-    errs = check_module(m, {"x": _rng(2).standard_normal((2, 5, 4))})
+        p[...] = dev(_rng(1).standard_normal(p.shape), like=p)
+    errs = check_module(m, {"x": dev(_rng(2).standard_normal((2, 5, 4)), like=m)})
     assert {"x", "weight", "bias"} <= set(errs) and max(errs.values()) < 1e-7
 
 

@@ -17,6 +17,8 @@ from npflux.interp import (
 from npflux.models import SAEConfig, SparseAutoencoder
 from npflux.tokenizers import CharTokenizer
 
+from conftest import dev, host
+
 TEXT = "".join(f"the {w} sat on the mat. {w.upper()}!\n" for w in ["cat", "dog", "rat", "bat"] * 15)
 
 
@@ -26,7 +28,7 @@ def tiny_model(dtype="float64"):
     model = GPT(c, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     for p in model.params.values():
-        p[...] = 0.5 * rng.standard_normal(p.shape)
+        p[...] = dev(0.5 * rng.standard_normal(p.shape), like=p)
     return model, tok
 
 
@@ -34,7 +36,7 @@ def exact_sae(d, dtype="float64"):
     """2d features +-e_i with W_enc = W_dec.T and zero biases: relu(x_i) e_i - relu(-x_i) e_i = x exactly."""
     sae = SparseAutoencoder(SAEConfig(d, 2 * d), dtype=dtype)
     eye = np.eye(d)
-    sae.p["W_dec"][...] = np.concatenate([eye, -eye])
+    sae.p["W_dec"][...] = dev(np.concatenate([eye, -eye]), like=sae)
     sae.p["W_enc"][...] = sae.p["W_dec"].T
     return sae
 
@@ -84,7 +86,8 @@ def test_collect_activations_window_by_window():
         n = int(data["valid"][w].sum())
         with capture(model, ["transformer.h.1"]) as acts:
             model.forward(ids[None, data["start"][w] : data["start"][w] + n])
-        np.testing.assert_allclose(data["transformer.h.1"][w, :n], acts["transformer.h.1"][0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(data["transformer.h.1"][w, :n], host(acts["transformer.h.1"][0]), rtol=1e-12,
+                                   atol=1e-12)
     x, index = residual_vectors(model, ids, "transformer.h.1")
     assert x.shape == (21, 8) and x.dtype == np.float32 and list(index) == list(range(21))
     with pytest.raises(ValueError, match="per-token point"):
@@ -126,9 +129,9 @@ def test_training_recovers_a_planted_sparse_dictionary():
     assert history[-1][2] < 0.2 * history[0][2]
     r = evaluate_sae(sae, x[5000:])
     assert r["fve"] > 0.85 and r["l0"] < 8  # the L1 penalty costs some variance and a few weak extra features
-    np.testing.assert_allclose(np.linalg.norm(sae.p["W_dec"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(host(sae.p["W_dec"]), axis=1), 1.0, rtol=1e-5)
     # the true directions are found: each has a learned feature pointing almost the same way
-    cos = truth @ sae.p["W_dec"].T
+    cos = truth @ host(sae.p["W_dec"]).T
     assert (cos.max(axis=1) > 0.9).mean() > 0.9
 
 
@@ -156,7 +159,7 @@ def test_top_activations_match_brute_force():
     sae.p["b_enc"][...] = -1.0  # sparse: some features fire rarely or never
     x = rng.standard_normal((300, 4))
     values, rows = top_activations(sae, x, k=5, batch_size=64)
-    f = sae.encode(x)
+    f = host(sae.encode(dev(x, like=sae)))
     for j in range(10):
         expected = np.sort(f[:, j])[::-1][:5]
         np.testing.assert_allclose(values[:, j], expected)
@@ -191,7 +194,7 @@ def test_save_and_load(tmp_path):
     back, source, metrics = load_sae(tmp_path / "sae")
     assert back.config == sae.config and source["input_scale"] == 0.5 and metrics["val"]["fve"] == 0.9
     for k, v in sae.params.items():
-        np.testing.assert_array_equal(back.params[k], v)
+        np.testing.assert_array_equal(host(back.params[k]), host(v))
 
 
 # --------------------------------------------------------------------------

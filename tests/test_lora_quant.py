@@ -30,6 +30,8 @@ from npflux.nn.quant import named_buffers
 from npflux.tokenizers import CharTokenizer
 from npflux.train import model_from_checkpoint
 
+from conftest import dev, host
+
 try:
     import torch
 
@@ -60,14 +62,14 @@ def lora_layer(i, o, rank, bias, quantized, seed, dtype="float64", group_size=No
     """A LoRALinear with random base, A and a NONZERO B (a fresh B = 0 would hide a wrong dA)."""
     rng = np.random.default_rng(seed)
     lin = Linear(i, o, bias=bias, rng=rng, dtype=dtype)
-    lin.p["weight"][...] = rng.standard_normal((i, o)) / np.sqrt(i)
+    lin.p["weight"][...] = dev(rng.standard_normal((i, o)) / np.sqrt(i), like=lin)
     if bias:
-        lin.p["bias"][...] = 0.3 * rng.standard_normal(o)
+        lin.p["bias"][...] = dev(0.3 * rng.standard_normal(o), like=lin)
     base = QuantizedLinear.from_linear(lin, group_size) if quantized else FrozenLinear.from_linear(lin)
     m = LoRALinear(base, rank, alpha=2.0 * rank + 1, rng=rng, blocks=blocks)
     for name, p in m.params.items():
         if name.startswith("lora_B"):
-            p[...] = rng.standard_normal(p.shape)
+            p[...] = dev(rng.standard_normal(p.shape), like=p)
     return m
 
 
@@ -91,7 +93,7 @@ def test_gradcheck_lora_linear(B, T, i, o, rank, bias, quantized, seed):
     rank = min(rank, i, o)
     m = lora_layer(i, o, rank, bias, quantized, seed)
     assert set(m.params) == {"lora_A", "lora_B"}  # the base weight has no gradient to check: it has none
-    x = np.random.default_rng(seed + 1).standard_normal((B, T, i))
+    x = dev(np.random.default_rng(seed + 1).standard_normal((B, T, i)), like=m)
     errors = check_module(m, {"x": x}, seed=seed, eps=LINEAR_EPS)
     assert set(errors) == {"x", "lora_A", "lora_B"}
     assert max(errors.values()) <= GRAD_TOL, errors
@@ -106,7 +108,8 @@ def test_gradcheck_lora_on_column_blocks(B, T, i, w, parts, quantized, seed):
     blocks = {p: ("qkv".index(p) * w, ("qkv".index(p) + 1) * w) for p in parts}
     m = lora_layer(i, 3 * w, 1, True, quantized, seed, blocks=blocks)
     assert set(m.params) == {f"lora_{ab}_{p}" for p in parts for ab in "AB"}
-    errors = check_module(m, {"x": np.random.default_rng(seed + 1).standard_normal((B, T, i))}, seed=seed, eps=LINEAR_EPS)
+    errors = check_module(m, {"x": dev(np.random.default_rng(seed + 1).standard_normal((B, T, i)), like=m)}, seed=seed,
+                          eps=LINEAR_EPS)
     assert set(errors) == {"x", *m.params} and max(errors.values()) <= GRAD_TOL, errors
 
 
@@ -118,7 +121,7 @@ def test_gradcheck_frozen_and_quantized_linear(B, T, i, o, bias, group, seed):
     lin = Linear(i, o, bias=bias, rng=rng, dtype="float64")
     for layer in (FrozenLinear.from_linear(lin), QuantizedLinear.from_linear(lin, 2 if group else None)):
         assert layer.params == {} and layer.grads == {}
-        errors = check_module(layer, {"x": rng.standard_normal((B, T, i))}, seed=seed, eps=LINEAR_EPS)
+        errors = check_module(layer, {"x": dev(rng.standard_normal((B, T, i)), like=layer)}, seed=seed, eps=LINEAR_EPS)
         assert set(errors) == {"x"} and errors["x"] <= GRAD_TOL, errors
 
 
@@ -148,8 +151,8 @@ def test_lora_vs_torch(dtype, tol, quantized):
     y_ref = torch_lora(x, W0, b0, A, B, m.scaling)
     y_ref.backward(torch.tensor(dy_np))
 
-    y = m.forward(x_np)
-    dx = m.backward(dy_np)
+    y = m.forward(dev(x_np, like=m))
+    dx = m.backward(dev(dy_np, like=m))
     assert y.dtype == dtype and dx.dtype == dtype and m.g["lora_A"].dtype == dtype
     assert W0.grad is None  # torch never computed it either
     errs = {"y": rel(y, y_ref.detach().numpy()), "dx": rel(dx, x.grad.numpy()),
@@ -176,7 +179,7 @@ def test_qv_lora_on_fused_projection_vs_torch(dtype, tol):
     q, k, v = torch.nn.functional.linear(x, W0, b0).split(C, dim=-1)
     y_ref = torch.cat([q + m.scaling * (x @ Aq.T) @ Bq.T, k, v + m.scaling * (x @ Av.T) @ Bv.T], dim=-1)
     y_ref.backward(t(dy_np))
-    y, dx = m.forward(x_np), m.backward(dy_np)
+    y, dx = m.forward(dev(x_np, like=m)), m.backward(dev(dy_np, like=m))
     errs = {"y": rel(y, y_ref.detach().numpy()), "dx": rel(dx, x.grad.numpy()),
             **{n: rel(m.g[n], ref.grad.numpy().T) for n, ref in
                zip(("lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"), (Aq, Bq, Av, Bv))}}
@@ -202,15 +205,16 @@ def test_quantize_int8_matches_torch_per_channel():
 def test_quantized_linear_vs_torch(dtype, tol):
     rng = np.random.default_rng(2)
     lin = Linear(8, 6, rng=rng, dtype=dtype)
-    lin.p["bias"][...] = rng.standard_normal(6)
+    lin.p["bias"][...] = dev(rng.standard_normal(6), like=lin)
     layer = QuantizedLinear.from_linear(lin, group_size=4)
     tdt = torch.float64 if dtype == np.float64 else torch.float32
-    W = torch.tensor(dequantize_int8(layer.buffers["weight_int8"], layer.buffers["weight_scale"], np.float64).T.copy(), dtype=tdt)
+    W = host(dequantize_int8(layer.buffers["weight_int8"], layer.buffers["weight_scale"], np.float64))
+    W = torch.tensor(W.T.copy(), dtype=tdt)
     x_np, dy_np = rng.standard_normal((3, 8)).astype(dtype), rng.standard_normal((3, 6)).astype(dtype)
     x = torch.tensor(x_np, requires_grad=True)
     y_ref = torch.nn.functional.linear(x, W, torch.tensor(to_numpy(lin.p["bias"]), dtype=tdt))
     y_ref.backward(torch.tensor(dy_np))
-    y, dx = layer.forward(x_np), layer.backward(dy_np)
+    y, dx = layer.forward(dev(x_np, like=layer)), layer.backward(dev(dy_np, like=layer))
     assert y.dtype == dtype and dx.dtype == dtype
     assert rel(y, y_ref.detach().numpy()) <= tol and rel(dx, x.grad.numpy()) <= tol
 
@@ -291,14 +295,14 @@ def test_frozen_base_is_never_given_a_gradient_or_updated():
         model.backward()
         # B starts at 0, so the first step moves only B (dA = x^T dy B^T s = 0); after it, both move.
         moving = [k for k in lora_gradients(model) if step > 0 or k.endswith("lora_B")]
-        assert all(float(np.abs(lora_gradients(model)[k]).max()) > 0 for k in moving)
+        assert all(float(np.abs(host(lora_gradients(model)[k])).max()) > 0 for k in moving)
         opt.step(lora_gradients(model))
     for k, v in named_buffers(model).items():
-        np.testing.assert_array_equal(v, frozen[k], err_msg=k)  # frozen weights: bit for bit
+        np.testing.assert_array_equal(host(v), host(frozen[k]), err_msg=k)  # frozen weights: bit for bit
     for k, v in model.params.items():
         if "lora_" not in k:
-            np.testing.assert_array_equal(v, before[k], err_msg=k)  # embeddings, norms, head: untouched
-    assert any(float(np.abs(v).max()) > 0 for k, v in lora_parameters(model).items() if k.endswith("lora_B"))
+            np.testing.assert_array_equal(host(v), host(before[k]), err_msg=k)  # embeddings, norms, head: untouched
+    assert any(float(np.abs(host(v)).max()) > 0 for k, v in lora_parameters(model).items() if k.endswith("lora_B"))
 
 
 def test_zero_grad_and_caches_after_swapping_layers():
@@ -322,15 +326,15 @@ def test_gpt_adapter_gradients_match_numerical():
     apply_lora(model, ["attn.c_attn", "mlp.c_proj"], rank=2, alpha=5, seed=3)  # scaling 2.5, not 1
     rng = np.random.default_rng(0)
     for v in lora_parameters(model).values():
-        v[...] = 0.3 * rng.standard_normal(v.shape)
+        v[...] = dev(0.3 * rng.standard_normal(v.shape), like=v)
     x, y = batch(1)
     model.zero_grad()
     model.forward(x, y)
     model.backward()
     for name, p in lora_parameters(model).items():
-        g = model.grads[name]
+        g = host(model.grads[name])
         for idx in [tuple(rng.integers(0, s) for s in p.shape) for _ in range(3)]:
-            old = p[idx]
+            old = float(p[idx])  # a value: on CuPy p[idx] is a 0-d view that the next line would change
             p[idx] = old + 1e-6
             up = float(model.forward(x, y)[1])
             p[idx] = old - 1e-6
@@ -341,16 +345,16 @@ def test_gpt_adapter_gradients_match_numerical():
 
 def test_merge_and_unmerge_agree():
     m = lora_layer(6, 4, 2, True, False, seed=3)
-    x = np.random.default_rng(0).standard_normal((2, 3, 6))
+    x = dev(np.random.default_rng(0).standard_normal((2, 3, 6)), like=m)
     w0 = m.base.buffers["weight"].copy()
     y = m.forward(x)
     m.merge()
     merged_weight = m.base.buffers["weight"].copy()
     m.merge()  # idempotent: the update is not added twice
-    np.testing.assert_array_equal(m.base.buffers["weight"], merged_weight)
+    np.testing.assert_array_equal(host(m.base.buffers["weight"]), host(merged_weight))
     assert m.merged and rel(m.forward(x), y) <= 1e-13
     with pytest.raises(RuntimeError, match="unmerge"):
-        m.backward(np.ones_like(y))
+        m.backward(m.xp.ones_like(y))
     m.unmerge()
     m.unmerge()  # idempotent too
     assert rel(m.base.buffers["weight"], w0) <= 1e-14 and rel(m.forward(x), y) <= 1e-14
@@ -358,7 +362,7 @@ def test_merge_and_unmerge_agree():
     model = GPT(tiny_config(), seed=0, dtype="float64")
     apply_lora(model, ["attn.*", "mlp.c_fc"], rank=3)
     for v in lora_parameters(model).values():
-        v[...] = 0.1 * np.random.default_rng(1).standard_normal(v.shape)
+        v[...] = dev(0.1 * np.random.default_rng(1).standard_normal(v.shape), like=v)
     idx, _ = batch()
     logits = model.forward(idx)[0]
     merge_lora(model)
@@ -378,9 +382,9 @@ def test_apply_lora_on_q_and_v_only():
     assert not any(n.endswith("_k") for n in names)
     assert sum(v.size for v in lora_parameters(model).values()) == 2 * (2 * 2 * (8 + 8) + 2 * (8 + 32))
     for v in lora_parameters(model).values():
-        v[...] = 0.2 * np.random.default_rng(2).standard_normal(v.shape)
+        v[...] = dev(0.2 * np.random.default_rng(2).standard_normal(v.shape), like=v)
     layer = model.transformer.h.items[0].attn.c_attn
-    assert np.all(layer.delta()[:, 8:16] == 0) and np.any(layer.delta()[:, :8] != 0)  # k untouched
+    assert np.all(host(layer.delta())[:, 8:16] == 0) and np.any(host(layer.delta())[:, :8] != 0)  # k untouched
     idx, _ = batch()
     logits = model.forward(idx)[0]
     merge_lora(model)
@@ -440,7 +444,7 @@ def test_quantized_checkpoint_round_trip_and_size(tmp_path, gpt2_style):
 
     loaded, tok2, _ = model_from_checkpoint(tmp_path / "q")
     assert tok2 == tok and isinstance(loaded.transformer.h.items[1].mlp.c_proj, QuantizedLinear)
-    np.testing.assert_array_equal(loaded.forward(idx)[0], q_logits)
+    np.testing.assert_array_equal(host(loaded.forward(idx)[0]), host(q_logits))
     assert rel(q_logits, float_logits) < 0.05  # close, not equal
     assert model_size(loaded)["total"] == model_size(model)["total"] < size_float["total"]
     out = loaded.generate(idx[:, :4], 5, temperature=0)
@@ -459,7 +463,7 @@ def test_finetune_lowers_loss_and_adapter_round_trip(tmp_path):
     # finetune's optimizer moved A and B only: every base array (now a parameter or a frozen buffer) is as loaded
     after = {**model.params, **{k.replace(".base.", "."): v for k, v in named_buffers(model).items()}}
     for k, v in before.items():
-        np.testing.assert_array_equal(after[k], v, err_msg=k)
+        np.testing.assert_array_equal(host(after[k]), host(v), err_msg=k)
     assert summary["trainable_parameters"] == 2 * (4 * (16 + 48) + 4 * (16 + 64))
 
     save_adapter(tmp_path / "adapter", model, base_dir,
@@ -470,7 +474,7 @@ def test_finetune_lowers_loss_and_adapter_round_trip(tmp_path):
     assert set(saved) == set(lora_parameters(model))  # only A and B
     loaded, tok2, _ = model_from_checkpoint(tmp_path / "adapter")
     idx = ids[None, :16]
-    np.testing.assert_array_equal(loaded.forward(idx)[0], model.forward(idx)[0])
+    np.testing.assert_array_equal(host(loaded.forward(idx)[0]), host(model.forward(idx)[0]))
     assert windows_loss(loaded, ids[1500:]) == pytest.approx(summary["val_loss_after"], abs=1e-6)
 
     # a moved base: a clear error, and load_adapter takes its new place
@@ -480,7 +484,7 @@ def test_finetune_lowers_loss_and_adapter_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="not there"):
         model_from_checkpoint(tmp_path / "adapter")
     again, _ = load_adapter(tmp_path / "adapter", base_checkpoint=moved)
-    np.testing.assert_array_equal(again.forward(idx)[0], model.forward(idx)[0])
+    np.testing.assert_array_equal(host(again.forward(idx)[0]), host(model.forward(idx)[0]))
     moved.rename(base_dir)
 
     # a changed base is refused, not silently combined
@@ -509,13 +513,13 @@ def test_qlora_adapter_over_int8_base(tmp_path):
     assert summary["config"]["targets"] == ["attn.c_attn"]  # one pattern given as a string, not 11 characters
     for k, v in named_buffers(qmodel).items():
         if v.dtype == np.int8:
-            np.testing.assert_array_equal(v, int8_before[k.replace(".base.", ".")], err_msg=k)
+            np.testing.assert_array_equal(host(v), host(int8_before[k.replace(".base.", ".")]), err_msg=k)
     with pytest.raises(ValueError, match="int8, but .* a float checkpoint"):  # it would load over the float base
         save_adapter(tmp_path / "adapter", qmodel, base_dir, {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
     save_adapter(tmp_path / "adapter", qmodel, tmp_path / "q", {"rank": 2, "alpha": 4, "targets": ["attn.c_attn"]})
     loaded, _, _ = model_from_checkpoint(tmp_path / "adapter")
     assert isinstance(loaded.transformer.h.items[0].attn.c_attn.base, QuantizedLinear)
-    np.testing.assert_array_equal(loaded.forward(ids[None, :16])[0], qmodel.forward(ids[None, :16])[0])
+    np.testing.assert_array_equal(host(loaded.forward(ids[None, :16])[0]), host(qmodel.forward(ids[None, :16])[0]))
 
 
 def test_text_helpers():
@@ -574,7 +578,7 @@ def test_merge_lora_is_all_or_none():
     with pytest.raises(TypeError, match="int8"):
         merge_lora(model)
     assert not any(block.attn.c_attn.merged for block in model.transformer.h.items)
-    np.testing.assert_array_equal(model.transformer.h.items[0].attn.c_attn.base.buffers["weight"], w0)
+    np.testing.assert_array_equal(host(model.transformer.h.items[0].attn.c_attn.base.buffers["weight"]), host(w0))
 
 
 def test_quantize_a_fine_tuned_model(tmp_path):
@@ -596,11 +600,11 @@ def test_quantize_a_fine_tuned_model(tmp_path):
     layer = model.transformer.h.items[0].attn.c_attn
     assert isinstance(layer, QuantizedLinear)
     q, scale = quantize_int8(merged_weight)
-    np.testing.assert_array_equal(layer.buffers["weight_int8"], q)
+    np.testing.assert_array_equal(host(layer.buffers["weight_int8"]), host(q))
     assert rel(model.forward(idx)[0], merged_logits) < 0.05
     save_quantized(tmp_path / "q", model, {"model": cfg.to_dict(), "train": {"dtype": "float32"}})
     loaded, _, _ = model_from_checkpoint(tmp_path / "q")
-    np.testing.assert_array_equal(loaded.forward(idx)[0], model.forward(idx)[0])
+    np.testing.assert_array_equal(host(loaded.forward(idx)[0]), host(model.forward(idx)[0]))
 
     qlora = GPT(cfg, seed=0)
     quantize_model(qlora)

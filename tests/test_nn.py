@@ -19,6 +19,8 @@ from npflux.nn import (
     PositionalEmbedding, SinusoidalPositionalEncoding,
 )
 
+from conftest import dev, host
+
 try:
     import torch
     import torch.nn.functional as F
@@ -114,7 +116,7 @@ def test_gradcheck_linear(B, T, i, o, bias, seed):
     rng = np.random.default_rng(seed)
     m = randomize(Linear(i, o, bias=bias, dtype="float64"), rng)
     assert ("bias" in m.params) == bias
-    assert_grads_ok(check_module(m, {"x": rng.standard_normal((B, T, i))}, seed=seed))
+    assert_grads_ok(check_module(m, {"x": dev(rng.standard_normal((B, T, i)), like=m)}, seed=seed))
 
 
 @GRAD_SETTINGS
@@ -132,7 +134,7 @@ def test_gradcheck_embedding(B, T, V, C, seed):
 def test_gradcheck_positional(B, T, C, extra, seed):
     rng = np.random.default_rng(seed)
     offset = int(rng.integers(0, extra + 1))
-    x = rng.standard_normal((B, T, C))
+    x = dev(rng.standard_normal((B, T, C)))
     learned = randomize(PositionalEmbedding(T + extra, C, dtype="float64"), rng)
     assert_grads_ok(check_module(learned, {"x": x}, kwargs={"offset": offset}, seed=seed))
     fixed = SinusoidalPositionalEncoding(T + extra, C, dtype="float64")
@@ -146,7 +148,7 @@ def test_gradcheck_layernorm(B, T, C, seed):
     rng = np.random.default_rng(seed)
     m = randomize(LayerNorm(C, dtype="float64"), rng)
     x = 2.0 * rng.standard_normal((B, T, C)) + rng.standard_normal()  # an offset the mean must remove
-    assert_grads_ok(check_module(m, {"x": x}, seed=seed))
+    assert_grads_ok(check_module(m, {"x": dev(x, like=m)}, seed=seed))
 
 
 @GRAD_SETTINGS
@@ -163,7 +165,7 @@ def test_gradcheck_dropout(B, T, C, p, seed):
 def test_gradcheck_feedforward(B, T, C, hidden, activation, bias, seed):
     rng = np.random.default_rng(seed)
     m = randomize(FeedForward(C, hidden, activation=activation, bias=bias, dtype="float64"), rng).eval()
-    assert_grads_ok(check_module(m, {"x": rng.standard_normal((B, T, C))}, seed=seed))
+    assert_grads_ok(check_module(m, {"x": dev(rng.standard_normal((B, T, C)), like=m)}, seed=seed))
 
 
 @GRAD_SETTINGS
@@ -175,7 +177,7 @@ def test_gradcheck_self_attention(B, T, hd, causal, masked, qkv_bias, seed):
     rng = np.random.default_rng(seed)
     m = randomize(MultiHeadAttention(H * D, H, causal=causal, qkv_bias=qkv_bias, dtype="float64"), rng).eval()
     kwargs = {"mask": key_mask(rng, B, T, keep_one=False)[:, None, None, :]} if masked else {}
-    assert_grads_ok(check_module(m, {"x": rng.standard_normal((B, T, H * D))}, kwargs=kwargs, seed=seed))
+    assert_grads_ok(check_module(m, {"x": dev(rng.standard_normal((B, T, H * D)), like=m)}, kwargs=kwargs, seed=seed))
 
 
 @GRAD_SETTINGS
@@ -185,7 +187,8 @@ def test_gradcheck_cross_attention(B, T, S, hd, masked, seed):
     H, D = hd
     rng = np.random.default_rng(seed)
     m = randomize(MultiHeadAttention(H * D, H, cross=True, dtype="float64"), rng).eval()
-    inputs = {"x": rng.standard_normal((B, T, H * D)), "context": rng.standard_normal((B, S, H * D))}
+    inputs = {"x": dev(rng.standard_normal((B, T, H * D)), like=m),
+              "context": dev(rng.standard_normal((B, S, H * D)), like=m)}
     kwargs = {"mask": key_mask(rng, B, S)[:, None, None, :]} if masked else {}
     errors = check_module(m, inputs, kwargs=kwargs, seed=seed)
     assert {"x", "context"} <= set(errors)
@@ -202,11 +205,11 @@ def test_gradcheck_block(B, T, hd, cross, activation, seed):
     rng = np.random.default_rng(seed)
     m = randomize(Block(C, H, causal=True, cross_attention=cross, activation=activation, dtype="float64"), rng)
     m.eval()
-    inputs = {"x": rng.standard_normal((B, T, C))}
+    inputs = {"x": dev(rng.standard_normal((B, T, C)), like=m)}
     kwargs = {}
     if cross:
         S = int(rng.integers(1, 5))
-        inputs["context"] = rng.standard_normal((B, S, C))
+        inputs["context"] = dev(rng.standard_normal((B, S, C)), like=m)
         kwargs["context_mask"] = key_mask(rng, B, S)[:, None, None, :]
     errors = check_module(m, inputs, kwargs=kwargs, seed=seed)
     assert len(errors) == len(m.params) + len(inputs)
@@ -781,9 +784,9 @@ def test_non_causal_attention_sees_the_future():
     rng = np.random.default_rng(9)
     m = randomize(MultiHeadAttention(6, 2, dtype="float64"), rng)
     x = rng.standard_normal((1, 5, 6))
-    y = m.forward(x)
+    y = host(m.forward(dev(x, like=m)))
     x[:, -1] += 1.0
-    assert not np.allclose(m.forward(x)[:, 0], y[:, 0])
+    assert not np.allclose(host(m.forward(dev(x, like=m)))[:, 0], y[:, 0])
 
 
 def test_padding_mask_blocks_keys():
@@ -794,47 +797,49 @@ def test_padding_mask_blocks_keys():
     pad = key_mask(rng, B, S)
     pad[0, -1] = False
     x, ctx = rng.standard_normal((B, T, C)), rng.standard_normal((B, S, C))
-    y = m.forward(x, context=ctx, mask=pad[:, None, None, :])
-    w = m.weights
+    y = host(m.forward(dev(x, like=m), context=dev(ctx, like=m), mask=pad[:, None, None, :]))
+    w = host(m.weights)
     assert not w[np.broadcast_to(~pad[:, None, None, :], w.shape)].any()
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-13)
-    _, dctx = m.backward(rng.standard_normal(y.shape))
+    _, dctx = m.backward(dev(rng.standard_normal(y.shape), like=m))
+    dctx = host(dctx)
     assert not dctx[~pad].any() and np.abs(dctx[pad]).min() > 0
     ctx2 = ctx.copy()
     ctx2[~pad] = 100.0  # what sits at masked positions does not matter
-    np.testing.assert_array_equal(m.forward(x, context=ctx2, mask=pad[:, None, None, :]), y)
+    y2 = host(m.forward(dev(x, like=m), context=dev(ctx2, like=m), mask=pad[:, None, None, :]))
+    np.testing.assert_array_equal(y2, y)
 
 
 def test_fully_masked_row_gives_bias_only_output():
     rng = np.random.default_rng(11)
     m = randomize(MultiHeadAttention(4, 2, dtype="float64"), rng)
     mask = np.zeros((1, 1, 1, 3), dtype=bool)
-    y = m.forward(rng.standard_normal((1, 3, 4)), mask=mask)
+    y = host(m.forward(dev(rng.standard_normal((1, 3, 4)), like=m), mask=mask))
     assert np.isfinite(y).all()
-    np.testing.assert_allclose(y, np.broadcast_to(m.params["c_proj.bias"], y.shape), rtol=1e-15)
+    np.testing.assert_allclose(y, np.broadcast_to(host(m.params["c_proj.bias"]), y.shape), rtol=1e-15)
 
 
 def test_positional_offset_gradient_rows():
     rng = np.random.default_rng(12)
     m = PositionalEmbedding(8, 3, dtype="float64")
     x = rng.standard_normal((2, 3, 3))
-    np.testing.assert_array_equal(m.forward(x, offset=4), x + m.params["weight"][4:7])
-    dy = rng.standard_normal((2, 3, 3))
+    np.testing.assert_array_equal(host(m.forward(dev(x, like=m), offset=4)), x + host(m.params["weight"][4:7]))
+    dy = dev(rng.standard_normal((2, 3, 3)), like=m)
     assert m.backward(dy) is dy
-    g = m.grads["weight"]
-    np.testing.assert_allclose(g[4:7], dy.sum(0), rtol=1e-15)
+    g = host(m.grads["weight"])
+    np.testing.assert_allclose(g[4:7], host(dy).sum(0), rtol=1e-15)
     assert not g[:4].any() and not g[7:].any()
 
 
 def test_sinusoidal_values():
     m = SinusoidalPositionalEncoding(10, 5, dtype="float64")
-    x = np.zeros((1, 4, 5))
-    pe = m.forward(x, offset=3)[0]
+    x = dev(np.zeros((1, 4, 5)), like=m)
+    pe = host(m.forward(x, offset=3)[0])
     p = np.arange(3, 7)[:, None]
     angle = p / 10000.0 ** (np.arange(0, 5, 2)[None, :] / 5)
     np.testing.assert_allclose(pe[:, 0::2], np.sin(angle), rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(pe[:, 1::2], np.cos(angle[:, :2]), rtol=1e-14, atol=1e-15)
-    assert SinusoidalPositionalEncoding(10, 4).forward(np.zeros((1, 2, 4), np.float32)).dtype == np.float32
+    assert SinusoidalPositionalEncoding(10, 4).forward(dev(np.zeros((1, 2, 4), np.float32))).dtype == np.float32
 
 
 def test_embedding_repeated_ids_accumulate():
@@ -843,8 +848,8 @@ def test_embedding_repeated_ids_accumulate():
         ids = np.array([[1, 3, 1], [1, 0, 3]])
         m.forward(ids)
         dy = np.arange(12, dtype=np.float64).reshape(2, 3, 2) + 1
-        m.backward(dy)
-        g = m.grads["weight"]
+        m.backward(dev(dy, like=m))
+        g = host(m.grads["weight"])
         np.testing.assert_array_equal(g[1], dy[0, 0] + dy[0, 2] + dy[1, 0])
         np.testing.assert_array_equal(g[3], dy[0, 1] + dy[1, 2])
         np.testing.assert_array_equal(g[0], dy[1, 1])

@@ -9,6 +9,8 @@ torch = pytest.importorskip("torch")
 from npflux import optim  # noqa: E402
 from npflux.backend import cupy_available  # noqa: E402
 
+from conftest import dev, host  # noqa: E402
+
 SHAPES = {"w1": (5, 4), "b1": (4,), "emb": (7, 3), "ln.weight": (3,)}
 
 
@@ -283,7 +285,7 @@ def test_flatten_parameters_keeps_values_and_shares_one_buffer():
     assert flat_p.size == sum(v.size for v in before.values())
     assert flat_base(m.params.values()) is flat_p and flat_base(m.grads.values()) is flat_g
     for k, v in m.params.items():
-        np.testing.assert_array_equal(v, before[k])
+        np.testing.assert_array_equal(host(v), host(before[k]))
     m.b.g["weight"] += 1.0
     assert flat_g.sum() == 8.0
     m.zero_grad()
@@ -305,7 +307,7 @@ def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monke
     monkeypatch.setattr(parallel, "_MIN_SPLIT_ELEMENTS", 1)
     flat_model = _tiny_model()
     arrays = {k: v.copy() for k, v in flat_model.params.items()}  # the same values, separate arrays
-    grad_arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
+    grad_arrays = {k: flat_model.xp.zeros_like(v) for k, v in arrays.items()}
     kw = dict(lr=1e-2, weight_decay=wd, decay_filter=optim.nanogpt_decay if grouped else None)
     opt_flat = optim.AdamW(flat_model.params, **kw)
     opt_each = optim.AdamW(arrays, **kw)
@@ -314,7 +316,7 @@ def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monke
     r = np.random.default_rng(0)
     for _ in range(4):
         for k, g in flat_model.grads.items():
-            g[...] = r.standard_normal(g.shape)
+            g[...] = dev(r.standard_normal(g.shape), like=g)
             grad_arrays[k][...] = g
         if clip:
             # The two norms sum the same squares in a different order (one dot over the
@@ -335,8 +337,8 @@ def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monke
         opt_flat.step(flat_model.grads)
         opt_each.step(grad_arrays)
     for k, v in flat_model.params.items():
-        np.testing.assert_array_equal(v, arrays[k])
+        np.testing.assert_array_equal(host(v), host(arrays[k]))
     s_flat, s_each = opt_flat.state_dict(), opt_each.state_dict()
     assert s_flat.keys() == s_each.keys()
     for k in s_flat:
-        np.testing.assert_array_equal(s_flat[k], s_each[k])
+        np.testing.assert_array_equal(host(s_flat[k]), host(s_each[k]))

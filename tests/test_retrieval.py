@@ -18,6 +18,8 @@ from npflux.retrieval import (
 )
 from npflux.tokenizers import CharTokenizer
 
+from conftest import host
+
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "benchmarks" / "data" / "neuraflux_qa.jsonl"
 
@@ -139,7 +141,8 @@ def test_final_hidden_states_is_the_forward_up_to_the_head(dtype):
     logits, _ = model.forward(ids)
     assert hidden.dtype == np.dtype(dtype) and hidden.shape == (2, 11, 16)
     head = model.params["lm_head.weight"] if "lm_head.weight" in model.params else model.params["transformer.wte.weight"]
-    np.testing.assert_allclose(hidden @ head.T, logits, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-6)
+    np.testing.assert_allclose(host(hidden @ head.T), host(logits), rtol=1e-5 if dtype == "float32" else 1e-12,
+                               atol=1e-6)
 
 
 def test_model_embedding_is_the_mean_over_tokens_and_windows():
@@ -151,7 +154,7 @@ def test_model_embedding_is_the_mean_over_tokens_and_windows():
     emb = enc.embed(texts)
     assert emb.shape == (3, 16) and emb.dtype == np.float32
     ids = tok.encode(texts[1])
-    states = [final_hidden_states(model, np.array([ids[s:s + 8]]))[0] for s in range(0, len(ids), 8)]
+    states = [host(final_hidden_states(model, np.array([ids[s:s + 8]])))[0] for s in range(0, len(ids), 8)]
     np.testing.assert_allclose(emb[1], np.concatenate(states).mean(axis=0), rtol=1e-5, atol=1e-6)
     # right-padding in a batch changes nothing: each text alone gives the same vector
     for i, t in enumerate(texts):

@@ -8,6 +8,8 @@ from npflux.backend import to_numpy
 from npflux.gradcheck import check_module
 from npflux.models import SAEConfig, SparseAutoencoder
 
+from conftest import dev, host
+
 GRAD_TOL = 1e-7
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None)
 
@@ -23,13 +25,13 @@ def make_sae(d, m, tied, l1=0.3, seed=0, dtype="float64"):
     rng = np.random.default_rng(seed)
     sae = SparseAutoencoder(SAEConfig(d, m, l1=l1, tied=tied), seed=seed, dtype=dtype)
     for name, p in sae.params.items():
-        p[...] = (rng.standard_normal(p.shape) / (np.sqrt(d) if p.ndim == 2 else 2)).astype(p.dtype)
+        p[...] = dev((rng.standard_normal(p.shape) / (np.sqrt(d) if p.ndim == 2 else 2)).astype(p.dtype), like=p)
     sae.normalize_decoder()
     for _ in range(50):  # a pre-activation within ~1e-4 of 0 would make the central difference cross the kink
         x = rng.standard_normal((rng.integers(1, 6), d))
         pre = (x - to_numpy(sae.p["b_dec"])) @ to_numpy(sae.p["W_enc"]) + to_numpy(sae.p["b_enc"])
         if np.abs(pre).min() > 1e-3 and (pre > 0).any():
-            return sae, x.astype(dtype)
+            return sae, dev(x.astype(dtype), like=sae)
     raise AssertionError("no input away from the kink")
 
 
@@ -134,13 +136,13 @@ def test_matches_torch(torch, tied, dtype, tol):
     t_xhat, t_f, t_loss = ref.forward(tx)
     t_loss.backward()
 
-    loss, recon, l1_term = sae.loss(x)
+    loss, recon, l1_term = sae.loss(dev(x, like=sae))
     assert sae.features.dtype == np.dtype(dtype)
     assert (sae.features == 0).mean() > 0.2  # some features are off: the ReLU's backward is exercised
     dx = sae.backward_loss()
     assert dx.dtype == np.dtype(dtype) and all(g.dtype == np.dtype(dtype) for g in sae.grads.values())
     assert rel(sae.features, t_f.detach().numpy()) <= tol
-    assert rel(sae.forward(x), t_xhat.detach().numpy()) <= tol
+    assert rel(sae.forward(dev(x, like=sae)), t_xhat.detach().numpy()) <= tol
     assert abs(loss - t_loss.item()) <= tol * abs(t_loss.item())
     assert abs(recon + 0.2 * l1_term - loss) <= 1e-12 * abs(loss)
     assert rel(dx, tx.grad.numpy()) <= tol
@@ -164,7 +166,7 @@ def test_training_steps_match_torch_adam(torch, tied):
         ref.forward(torch.tensor(x))[2].backward()
         ref.constrained_step(topt)
         sae.zero_grad()
-        sae.loss(x)
+        sae.loss(dev(x, like=sae))
         sae.backward_loss()
         sae.project_decoder_grad()
         opt.step(sae.grads)
@@ -200,9 +202,9 @@ def test_init_and_dtype():
     sae = SparseAutoencoder(d_in=8, n_features=32, l1=0.1)
     assert {k: v.shape for k, v in sae.params.items()} == {"W_enc": (8, 32), "b_enc": (32,), "W_dec": (32, 8), "b_dec": (8,)}
     assert all(v.dtype == np.float32 for v in sae.params.values())
-    np.testing.assert_allclose(np.linalg.norm(sae.p["W_dec"], axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(sae.p["W_enc"], sae.p["W_dec"].T)
-    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(host(sae.p["W_dec"]), axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(host(sae.p["W_enc"]), host(sae.p["W_dec"].T))
+    x = dev(np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32), like=sae)
     assert sae.forward(x).dtype == np.float32 and sae.encode(x).dtype == np.float32
     tied = SparseAutoencoder(SAEConfig(8, 32, tied=True))
     assert set(tied.params) == {"W_enc", "b_enc", "b_dec"}
@@ -219,8 +221,8 @@ def test_errors():
     with pytest.raises(RuntimeError, match="loss"):
         sae.backward_loss()
     # a forward of another batch between loss and backward_loss: its caches are not the loss's
-    sae.loss(np.ones((2, 4), np.float32))
-    sae.forward(np.zeros((2, 4), np.float32))
+    sae.loss(dev(np.ones((2, 4), np.float32), like=sae))
+    sae.forward(dev(np.zeros((2, 4), np.float32), like=sae))
     with pytest.raises(RuntimeError, match="loss"):
         sae.backward_loss()
     with pytest.raises(ValueError, match="l1"):

@@ -27,6 +27,7 @@ from npflux.train_seq2seq import (
     Seq2SeqTrainConfig, exact_match, load_seq2seq, model_config_for, save_seq2seq, train_seq2seq,
 )
 
+from conftest import dev, host
 from test_nn import GRAD_SETTINGS, assert_close, assert_grads_ok, randomize, rel
 
 try:
@@ -72,7 +73,7 @@ def test_gradcheck_encoder(B, S, hd, masked, seed):
     rng = np.random.default_rng(seed)
     m = randomize(TransformerEncoder(H * D, H, 1, dtype="float64"), rng).eval()
     kwargs = {"mask": right_padded(rng, B, S)} if masked else {}
-    errors = check_module(m, {"x": rng.standard_normal((B, S, H * D))}, kwargs=kwargs, seed=seed)
+    errors = check_module(m, {"x": dev(rng.standard_normal((B, S, H * D)), like=m)}, kwargs=kwargs, seed=seed)
     assert len(errors) == len(m.params) + 1
     assert_grads_ok(errors)
 
@@ -84,7 +85,8 @@ def test_gradcheck_decoder(B, T, S, hd, masked, seed):
     H, D = hd
     rng = np.random.default_rng(seed)
     m = randomize(TransformerDecoder(H * D, H, 1, dtype="float64"), rng).eval()
-    inputs = {"y": rng.standard_normal((B, T, H * D)), "memory": rng.standard_normal((B, S, H * D))}
+    inputs = {"y": dev(rng.standard_normal((B, T, H * D)), like=m),
+              "memory": dev(rng.standard_normal((B, S, H * D)), like=m)}
     kwargs = {"mask": right_padded(rng, B, T), "memory_mask": right_padded(rng, B, S)} if masked else {}
     errors = check_module(m, inputs, kwargs=kwargs, seed=seed)
     assert {"y", "memory"} <= set(errors) and len(errors) == len(m.params) + 2
@@ -99,7 +101,8 @@ def test_gradcheck_encoder_decoder(B, T, S, hd, activation, seed):
     rng = np.random.default_rng(seed)
     # two decoder layers: both cross-attentions send gradient into the one memory, and it must add up
     m = randomize(EncoderDecoder(H * D, H, 1, 2, activation=activation, dtype="float64"), rng).eval()
-    inputs = {"src": rng.standard_normal((B, S, H * D)), "tgt": rng.standard_normal((B, T, H * D))}
+    inputs = {"src": dev(rng.standard_normal((B, S, H * D)), like=m),
+              "tgt": dev(rng.standard_normal((B, T, H * D)), like=m)}
     kwargs = {"src_mask": right_padded(rng, B, S), "tgt_mask": right_padded(rng, B, T)}
     # directional: the parts are checked element by element above; this checks how they are wired
     errors = check_module(m, inputs, kwargs=kwargs, seed=seed, eps=STACK_EPS, directional=True)
@@ -275,8 +278,9 @@ def test_encoder_decoder_vs_torch_transformer(dtype, tol, activation, masked):
     t_out.backward(torch.tensor(dout, dtype=tdt))
 
     m.zero_grad()
-    out = m.forward(src.astype(dtype), tgt.astype(dtype), src_mask=src_mask, tgt_mask=tgt_mask)
-    dsrc, dtgt = m.backward(dout.astype(dtype))
+    out = m.forward(dev(src.astype(dtype), like=m), dev(tgt.astype(dtype), like=m),
+                    src_mask=src_mask, tgt_mask=tgt_mask)
+    dsrc, dtgt = m.backward(dev(dout.astype(dtype), like=m))
     assert out.dtype == dsrc.dtype == dtgt.dtype == dtype
     diffs = {"out": rel(out, t_out.detach().numpy()), "dsrc": rel(dsrc, t_src.grad.numpy()),
              "dtgt": rel(dtgt, t_tgt.grad.numpy())}
@@ -372,7 +376,7 @@ def test_cached_decoding_steps_equal_the_full_forward(positions, memory_cache):
     memory_caches = m.new_kv_caches(3, length=memory.shape[1]) if memory_cache else None
     for t in range(c.tgt_block_size):
         step = m._step(m.backend.asarray(tgt[:, t]), memory, src_mask, caches, memory_caches)
-        np.testing.assert_allclose(step, log_softmax(full[:, t]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(host(step), log_softmax(host(full[:, t])), rtol=0, atol=1e-12)
 
 
 def test_decoding_projects_the_memory_once_per_source():
@@ -405,12 +409,12 @@ def test_cross_attention_cache_holds_one_context():
 
     rng = np.random.default_rng(2)
     attn = randomize(MultiHeadAttention(6, 2, cross=True, dtype="float64"), rng).eval()
-    x, context = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 5, 6))
+    x, context = dev(rng.standard_normal((2, 4, 6)), like=attn), dev(rng.standard_normal((2, 5, 6)), like=attn)
     full = attn.forward(x, context=context)
-    cache = KVCache(np, 2, 2, 5, 3, np.float64)
+    cache = KVCache(attn.xp, 2, 2, 5, 3, np.float64)
     for t in range(4):
-        np.testing.assert_allclose(attn.forward(x[:, t : t + 1], context=context, kv_cache=cache), full[:, t : t + 1],
-                                   rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(host(attn.forward(x[:, t : t + 1], context=context, kv_cache=cache)),
+                                   host(full[:, t : t + 1]), rtol=1e-13, atol=1e-14)
     assert cache.length == 5
     with pytest.raises(ValueError, match="holds a context of"):
         attn.forward(x[:, :1], context=context[:, :4], kv_cache=cache)
@@ -458,7 +462,7 @@ def test_beam_search_with_a_full_beam_finds_the_best_sequence():
                 if (n < max_len and seq[-1] != c.eos_id) or c.eos_id in seq[:-1]:
                     continue
                 logits, _ = m.forward(src[b : b + 1], np.array([[c.bos_id, *seq[:-1]]]))
-                scored[seq] = log_softmax(logits[0])[np.arange(n), list(seq)].sum() / n
+                scored[seq] = log_softmax(host(logits[0]))[np.arange(n), list(seq)].sum() / n
         best = max(scored, key=scored.get)
         assert beam_scores[b] == pytest.approx(scored[best], abs=1e-10)
         assert beams[b] == [t for t in best if t != c.eos_id]
@@ -540,12 +544,12 @@ def test_float32_stays_float32_and_masks_come_from_padding():
     assert all(g.dtype == np.float32 for g in m.grads.values())
     # the default masks are ids != pad: the same as passing them
     explicit, _ = m.forward(src, tgt, src_mask=src != c.pad_id, tgt_mask=tgt != c.pad_id)
-    np.testing.assert_array_equal(logits, explicit)
+    np.testing.assert_array_equal(host(logits), host(explicit))
     # what sits at a masked source position is never seen: other ids there change no logit
     src_mask = src != c.pad_id
     noise = np.where(src_mask, src, rng.integers(3, c.src_vocab_size, src.shape))
     assert (noise != src).any()
-    np.testing.assert_array_equal(m.forward(noise, tgt, src_mask=src_mask)[0], logits)
+    np.testing.assert_array_equal(host(m.forward(noise, tgt, src_mask=src_mask)[0]), host(logits))
     weights = to_numpy(m.cross_attention_weights[0])
     assert weights.shape == (3, c.n_head, 5, 6)
     assert np.all(weights.transpose(0, 3, 1, 2)[~src_mask] == 0)  # no query attends to a padded key

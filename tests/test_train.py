@@ -19,6 +19,8 @@ from npflux.data import prepare_char_dataset
 from npflux.models import GPT, GPTConfig
 from npflux.train import TrainConfig, evaluate_text, model_from_checkpoint, train
 
+from conftest import host
+
 # A pattern a tiny model learns in a few dozen steps: after the first few
 # characters of a line every next character is determined.
 TEXT = "".join(f"the {w} sat on the mat.\n" for w in ["cat", "dog", "rat", "bat"] * 12)
@@ -55,7 +57,7 @@ def same_state(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype, k
-        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), f"{k} differs"
+        assert np.array_equal(np.asarray(host(a[k])), np.asarray(host(b[k]))), f"{k} differs"
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +178,7 @@ def test_resume_is_bitwise_identical(tmp_path, dataset, monkeypatch, options):
     b = load_checkpoint(tmp_path / "split" / "ckpt").optimizer_state
     assert a.keys() == b.keys()
     for k in a:
-        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+        assert np.array_equal(np.asarray(host(a[k])), np.asarray(host(b[k]))), k
 
 
 def test_resume_after_a_finished_shorter_run_constant_lr(tmp_path, dataset):
@@ -327,7 +329,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path, dataset, monkeypatch):
         real_step = optim.AdamW.step
 
         def recording_step(self, grads):
-            seen_grads.append({k: np.array(v, copy=True) for k, v in grads.items()})
+            seen_grads.append({k: np.array(host(v), copy=True) for k, v in grads.items()})
             return real_step(self, grads)
 
         with monkeypatch.context() as m:
@@ -347,12 +349,12 @@ def test_grad_accum_equals_one_big_batch(tmp_path, dataset, monkeypatch):
         np.testing.assert_allclose(accum_grads[k], big_grads[k], rtol=1e-9, atol=1e-12, err_msg=k)
     accum_state, big_state = accum_model.state_dict(), big_model.state_dict()
     for k in big_state:
-        np.testing.assert_allclose(accum_state[k], big_state[k], rtol=1e-9, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(host(accum_state[k]), host(big_state[k]), rtol=1e-9, atol=1e-12, err_msg=k)
     # ... and it is not trivially so: the first micro-batch alone has another gradient.
     first = GPT(mcfg, seed=7, dtype="float64")
     first.forward(windows[:b, :-1], windows[:b, 1:])
     first.backward()
-    assert not np.allclose(first.grads["transformer.wte.weight"], big_grads["transformer.wte.weight"])
+    assert not np.allclose(host(first.grads["transformer.wte.weight"]), big_grads["transformer.wte.weight"])
 
 
 # ---------------------------------------------------------------------------
