@@ -49,7 +49,9 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     xp = get_array_module(logits)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0 or logits.dtype.type(temperature) == 0:  # (1e-300 is 0 in float32: greedy too)
+    # Below the dtype's smallest normal number the temperature is greedy too: 1e-300 is 0 in float32,
+    # and a GPU flushes a subnormal one (1e-40) to 0, so 0 / temperature would be nan there.
+    if temperature < float(np.finfo(logits.dtype).tiny):
         return xp.argmax(logits, axis=-1)
     # shift the max to 0 before dividing: at a tiny temperature logits / temperature overflows to
     # inf, inf - inf is nan, and every row would silently sample token 0

@@ -48,6 +48,10 @@ def num_threads() -> int:
         return _NUM_THREADS
     if _ENV_THREADS is None:  # read once: ops ask on every call
         _ENV_THREADS = _threads_from_env()
+        # The BLAS starts as many threads as it sees cores; hold it to npflux's budget.
+        blas = blas_threads()
+        if blas is not None and blas > _ENV_THREADS:
+            set_blas_threads(_ENV_THREADS)
     return _ENV_THREADS
 
 

@@ -2,14 +2,14 @@
 
     for step in range(max_iters):
         every eval_interval steps: estimate train/val loss, log, maybe stop early
-        lr = schedule(step)
+        lr = schedule(step); dropout reseeded from (seed, step)
         zero_grad; for each micro-batch: forward, backward(1/grad_accum)
         clip; optimizer.step
         every checkpoint_interval steps: save (atomically)
 
 Everything that decides what happens next (weights, AdamW moments, step,
-the batch sampler's and dropout's random states, the early-stopping record)
-is in the checkpoint, so ``resume=True`` continues exactly where it stopped.
+the batch sampler's random state, the early-stopping record) is in the
+checkpoint, and dropout's masks follow from (seed, step), so ``resume=True`` continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import optim
 from .backend import get_backend, resolve_dtype, to_numpy
 from .checkpoint import load_checkpoint, rng_from_json, rng_state_to_json, save_checkpoint
 from .data import get_batch
 from .models import GPT, GPTConfig
+from .nn.layers import reseed_dropout
 from .tokenizers import load_tokenizer
 
 # The published hyperparameters of each preset (the char-level gpt.py for
@@ -181,8 +184,6 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         model.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
         batch_rng = rng_from_json(ckpt.rng_state["batch"], backend=get_backend("numpy"))
-        if backend.name == "numpy":
-            model.dropout_rng.bit_generator.state = ckpt.rng_state["dropout"]
         state = TrainState(step=ckpt.step, **ckpt.extra["train_state"])
         log(f"resumed from {ckpt_dir} at step {state.step}")
     out.mkdir(parents=True, exist_ok=True)
@@ -214,11 +215,12 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
             tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
             optimizer_state=opt.state_dict(), step=state.step,
             rng_state={"batch": rng_state_to_json(batch_rng),
-                       "dropout": model.dropout_rng.bit_generator.state if backend.name == "numpy" else None},
+                       "dropout": None},  # masks are reseeded from (seed, step) at every step
             extra={"train_state": {"best_val": state.best_val, "evals_since_best": state.evals_since_best,
                                    "history": state.history}},
         )
 
+    has_dropout = model_config.dropout > 0
     bar = _progress(cfg.max_iters, state.step, cfg.progress)
     model.train()
     stopped_early = False
@@ -236,6 +238,8 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
                 break
 
         opt.lr = cfg.lr_at(step)
+        if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
+            reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
         model.zero_grad()
         for _ in range(cfg.grad_accum):
             x, y = get_batch(train_data, cfg.batch_size, block_size, batch_rng)

@@ -172,6 +172,42 @@ def test_scatter_add_rows_property(V, N, seed):
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
+
+@given(V=st.integers(1, 600), N=st.integers(0, 900), seed=st.integers(0, 2**32 - 1), small_blocks=st.booleans())
+def test_deterministic_scatter_add_equals_add_at(V, N, seed, small_blocks):
+    """The sort + one-hot product path (CuPy's, run here on NumPy) sums like np.add.at, blocked or not."""
+    saved = B._ONEHOT_MAX_ELEMENTS
+    B._ONEHOT_MAX_ELEMENTS = 7 if small_blocks else saved
+    try:
+        _check_unique_onehot(V, N, seed)
+    finally:
+        B._ONEHOT_MAX_ELEMENTS = saved
+
+
+def _check_unique_onehot(V, N, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, N)
+    rows = rng.standard_normal((N, 3))
+    start = rng.standard_normal((V, 3))
+    expected = start.copy()
+    np.add.at(expected, ids, rows)
+    out = start.copy()
+    assert B.scatter_add_rows_unique_onehot(out, ids, rows) is out
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_scatter_add_rows_is_the_same_on_every_run(backend):
+    """Repeated ids summed in a fixed order: two runs give the same bits (atomics on a GPU would not)."""
+    rng = np.random.default_rng(0)
+    ids = backend.asarray(rng.integers(0, 3000, 20000))
+    rows = backend.asarray(rng.standard_normal((20000, 16)).astype(np.float32))
+    runs = [B.to_numpy(scatter_add_rows(backend.xp.zeros((3000, 16), dtype=np.float32), ids, rows)) for _ in range(3)]
+    assert all(np.array_equal(r, runs[0]) for r in runs[1:])
+    expected = np.zeros((3000, 16))
+    np.add.at(expected, B.to_numpy(ids), B.to_numpy(rows).astype(np.float64))
+    np.testing.assert_allclose(runs[0], expected, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------
 # Only backend.py imports NumPy or CuPy
 # --------------------------------------------------------------------------

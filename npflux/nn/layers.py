@@ -127,6 +127,23 @@ class Dropout(Module):
         return ops.dropout_backward(dy, self.cache)
 
 
+def reseed_dropout(model, seed: int):
+    """Give every Dropout in ``model`` one fresh generator seeded with ``seed`` (on the model's device).
+
+    A training loop that calls this at the start of each step with a seed made from
+    (run seed, step) draws the same masks at a step whether the run went straight
+    through or was resumed there, on every backend, without saving the generator's
+    state (CuPy's lives on the device and has no portable form).
+    """
+    rng = model.backend.rng(seed)
+    for _, m in model.named_modules():
+        if isinstance(m, Dropout):
+            m.rng = rng
+    if hasattr(model, "dropout_rng"):
+        model.dropout_rng = rng
+    return rng
+
+
 _ACTIVATIONS = {
     "gelu": (ops.gelu_forward, ops.gelu_backward),
     "relu": (ops.relu_forward, ops.relu_backward),
