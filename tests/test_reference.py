@@ -132,3 +132,45 @@ def test_textbook_ops_pass_the_numerical_gradient_check(name):
                         {"q": randn(r, 2, 2, 4, 3), "k": randn(r, 2, 2, 4, 3), "v": randn(r, 2, 2, 4, 3)},
                         kwargs={"causal": True})
     assert max(errs.values()) < 1e-7, errs
+
+
+@contextlib.contextmanager
+def small_causal_blocks(block):
+    """The block-causal path at test sizes: blocks of ``block`` rows from T = 2 on."""
+    from npflux.ops import attention
+
+    saved = attention._CAUSAL_BLOCK, attention._BLOCK_CAUSAL_MIN
+    attention._CAUSAL_BLOCK, attention._BLOCK_CAUSAL_MIN = block, 2
+    try:
+        yield
+    finally:
+        attention._CAUSAL_BLOCK, attention._BLOCK_CAUSAL_MIN = saved
+
+
+@threads_param
+@given(B=small, H=st.integers(1, 3), T=st.integers(2, 40), D=st.integers(1, 16), block=st.integers(1, 16),
+       dtype=dtypes, seed=seeds)
+def test_block_causal_attention_equals_textbook(threads, B, H, T, D, block, dtype, seed):
+    """Long causal self-attention skips the blocks above the diagonal; the result is the full one's."""
+    r = np.random.default_rng(seed)
+    q, k, v, dout = (randn(r, B, H, T, D, dtype=dtype) for _ in range(4))
+    with split_over(threads), small_causal_blocks(block):
+        out, cache = ops.attention_forward(q, k, v, causal=True)
+        assert cache[5] == block  # the block path ran
+        grads = ops.attention_backward(dout, cache)
+    out_ref, cache_ref = ref.attention_forward(q, k, v, causal=True)
+    close(out, out_ref, dtype)
+    close(cache[3], cache_ref[3], dtype)  # the kept weights: zeros above the diagonal, as the full ones
+    assert not np.triu(cache[3], k=1).any()
+    for got, want in zip(grads, ref.attention_backward(dout, cache_ref)):
+        assert got.dtype == dtype
+        close(got, want, dtype)
+
+
+def test_block_causal_attention_passes_the_numerical_gradient_check():
+    r = np.random.default_rng(6)
+    with small_causal_blocks(2):
+        errs = check_op(ops.attention_forward, ops.attention_backward,
+                        {"q": randn(r, 2, 2, 5, 3), "k": randn(r, 2, 2, 5, 3), "v": randn(r, 2, 2, 5, 3)},
+                        kwargs={"causal": True})
+    assert max(errs.values()) < 1e-7, errs
