@@ -18,7 +18,7 @@ import argparse
 
 import harness
 
-SHAPES = {"shakespeare-s1": (16, 32), "shakespeare-s2": (16, 32), "shakespeare-n": (64, 256)}
+SHAPES = {"shakespeare-s1": (16, 32), "shakespeare-s2": (16, 32), "shakespeare-n": (64, 256), "nanogpt-cpu": (12, 64)}
 COLUMNS = [("preset", "preset", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
            ("npflux_ms", "npflux ms", "{:.2f}"), ("torch_published_ms", "torch published ms", "{:.2f}"),
            ("ratio_published", "ratio", "{:.2f}"), ("torch_modern_ms", "torch modern ms", "{:.2f}"),
@@ -27,7 +27,7 @@ COLUMNS = [("preset", "preset", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", nargs="+", default=list(SHAPES))
+    p.add_argument("--presets", nargs="+", default=["shakespeare-s1", "shakespeare-s2", "shakespeare-n"])
     p.add_argument("--threads", type=int, help="threads for each library (default: each library's own default)")
     p.add_argument("--rounds", type=int, default=3, help="processes per candidate")
     p.add_argument("--steps", type=int, help="timed steps per process (default 40; 10 for shakespeare-n on cpu)")
