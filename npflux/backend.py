@@ -6,16 +6,25 @@ writes ``xp.exp(x)``, ``xp.matmul(a, b)``, ... so the same line runs on the CPU
 themselves (``get_array_module``, as Chainer and CuPy do), so an op never needs
 to be told which device it runs on.
 
-A backend is chosen by name, ``"numpy"`` or ``"cupy"``, or by the environment
-variable ``NPFLUX_BACKEND``; NumPy is the default. Asking for CuPy where it is
-not installed, or where it finds no GPU, raises ``BackendUnavailable`` with
-the reason instead of failing later in some kernel.
+A backend is chosen by name, ``"numpy"`` or ``"cupy"``, or by the ``backend``
+setting (``NPFLUX_BACKEND``, or ``npflux.settings.override(backend=...)``);
+NumPy is the default. Asking for CuPy where it is not installed, or where it
+finds no GPU, raises ``BackendUnavailable`` with the reason instead of failing
+later in some kernel. The rest is what differs between the two array modules:
+moving arrays to the host, dtype checks, and the scatter-add whose fast form
+is not the same on each.
+
+CPU threads are not a backend's business: the worker pool and the BLAS's
+thread count live in ``npflux.parallel``, the environment in
+``npflux.settings``. ``num_threads``, ``set_num_threads``, ``parallel_map``,
+``row_chunks``, ``blas_threads`` and ``set_blas_threads`` are still importable
+from here for one release; import them from ``npflux.parallel``.
 """
 from __future__ import annotations
 
-import os
-
 import numpy
+
+from . import settings
 
 BACKEND_NAMES = ("numpy", "cupy")
 DEFAULT_DTYPE = numpy.dtype("float32")
@@ -87,11 +96,11 @@ _BACKENDS: dict = {}
 
 
 def get_backend(name=None) -> Backend:
-    """The backend called ``name``; ``None`` reads NPFLUX_BACKEND (default "numpy")."""
+    """The backend called ``name``; ``None`` takes the ``backend`` setting (NPFLUX_BACKEND, default "numpy")."""
     if isinstance(name, Backend):
         return name
     if name is None:
-        name = os.environ.get("NPFLUX_BACKEND", "numpy") or "numpy"
+        name = settings.get("backend")
     name = name.lower()
     if name not in _BACKENDS:
         _BACKENDS[name] = Backend(name)
@@ -108,8 +117,8 @@ def get_array_module(*arrays):
     return numpy
 
 
-# The CPU's worker threads and BLAS threads live in npflux.parallel; these
-# names stay importable from here for code written before it.
+# Re-exports for one release: the CPU's worker threads and BLAS threads live
+# in npflux.parallel; these names stay importable from here for code written before it.
 from .parallel import (blas_threads, num_threads, parallel_map, row_chunks,  # noqa: E402,F401
                        set_blas_threads, set_num_threads)
 

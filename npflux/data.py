@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import settings
 from .tokenizers import CharTokenizer, load_tokenizer
 
 TINYSHAKESPEARE_NAME = "tinyshakespeare.txt"
@@ -64,7 +65,7 @@ def find_corpus(name: str = TINYSHAKESPEARE_NAME, path=None, verify=None) -> Pat
     Looks, in order, at:
 
     1. ``path``, when given (it must exist);
-    2. ``$NPFLUX_DATA_DIR/<name>``;
+    2. ``<data_dir>/<name>``, the ``data_dir`` setting (``$NPFLUX_DATA_DIR``);
     3. for Tiny Shakespeare only, the repository's ``data/shakespeare_char/input.txt``
        (where ``data/shakespeare_char/prepare.py --download`` puts it).
 
@@ -82,9 +83,9 @@ def find_corpus(name: str = TINYSHAKESPEARE_NAME, path=None, verify=None) -> Pat
     else:
         looked = []
         found = None
-        data_dir = os.environ.get("NPFLUX_DATA_DIR")
-        if data_dir:
-            looked.append(Path(data_dir) / name)
+        data_dir = settings.get("data_dir")
+        if data_dir is not None:
+            looked.append(data_dir / name)
         else:
             looked.append("$NPFLUX_DATA_DIR (not set)")
         if standard:

@@ -16,6 +16,19 @@ worker's BLAS call runs on one thread, so the workers alone fill the cores.
 ``num_threads()`` defaults to the CPUs this process may use (its affinity
 mask, not the machine's core count), so npflux never oversubscribes a machine
 that gave it fewer.
+
+Who decides the count, first match wins:
+
+1. ``with npflux.settings.override(num_threads=n):`` for that block (the BLAS
+   cap follows to ``n`` and is put back after);
+2. ``set_num_threads(n)``, for the rest of the process;
+3. NPFLUX_NUM_THREADS, then OMP_NUM_THREADS (``npflux.settings``; worked out
+   once, on first use, when the BLAS is capped to it);
+4. the CPUs this process may use.
+
+A scoped override wins over the process-wide call so that a block asking for
+one thread gets one thread whatever a script set earlier; a
+``set_num_threads`` inside such a block takes effect when it ends.
 """
 from __future__ import annotations
 
@@ -24,8 +37,11 @@ import threading
 
 import numpy
 
+from . import settings
+
 _NUM_THREADS = None   # set_num_threads
 _ENV_THREADS = None   # from the environment, read on first use
+_SET_CALLS = 0        # set_num_threads calls so far (an override's undo checks for one inside it)
 _POOL = None
 
 
@@ -40,14 +56,17 @@ def usable_cpus() -> int:
 def num_threads() -> int:
     """Threads npflux computes with on the CPU: its worker pool's size and its BLAS's thread cap.
 
-    ``set_num_threads(n)``, else NPFLUX_NUM_THREADS, else OMP_NUM_THREADS (read
-    once, on first use), else the CPUs this process may use.
+    An override of ``num_threads`` in force, else ``set_num_threads(n)``, else
+    the environment (read once, on first use), else the CPUs this process may use.
     """
     global _ENV_THREADS
+    n = settings.overridden("num_threads")
+    if n is not None:
+        return n
     if _NUM_THREADS is not None:
         return _NUM_THREADS
     if _ENV_THREADS is None:  # read once: ops ask on every call
-        _ENV_THREADS = _threads_from_env()
+        _ENV_THREADS = settings.get("num_threads") or usable_cpus()
         # The BLAS starts as many threads as it sees cores; hold it to npflux's budget.
         blas = blas_threads()
         if blas is not None and blas > _ENV_THREADS:
@@ -55,27 +74,45 @@ def num_threads() -> int:
     return _ENV_THREADS
 
 
-def _threads_from_env() -> int:
-    for var in ("NPFLUX_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.strip().isdigit() and int(value) > 0:
-            return int(value)
-    return usable_cpus()
-
-
 def set_num_threads(n: int):
     """Compute on ``n`` threads: ``n`` workers in parallel ops, and the BLAS capped at ``n``.
 
     1 runs everything on the calling thread with a single-threaded BLAS.
+    Inside a ``settings.override(num_threads=...)`` block the override keeps
+    ruling until the block ends; then ``n`` does.
     """
-    global _NUM_THREADS, _POOL
+    global _NUM_THREADS, _POOL, _SET_CALLS
     if int(n) < 1:
         raise ValueError(f"need at least one thread, got {n}")
     _NUM_THREADS = int(n)
-    if _POOL is not None and _POOL._max_workers != _NUM_THREADS:
+    _SET_CALLS += 1
+    if _POOL is not None and _POOL._max_workers != max(_NUM_THREADS - 1, 1):
         _POOL.shutdown(wait=True)
         _POOL = None
-    set_blas_threads(_NUM_THREADS)
+    if settings.overridden("num_threads") is None:
+        set_blas_threads(_NUM_THREADS)
+
+
+def _follow_override(n: int):
+    """``settings.override(num_threads=n)``: the BLAS capped at ``n`` for the block.
+
+    Returns the undo, run when the block ends: the BLAS's thread counts as they
+    were (whoever set them), unless ``set_num_threads`` ran inside the block,
+    whose count then takes over.
+    """
+    saved, calls = [int(c.get_num_threads()) for c in _blas_controllers()], _SET_CALLS
+    set_blas_threads(n)
+
+    def undo():
+        if _SET_CALLS != calls:
+            set_blas_threads(num_threads())
+        else:
+            for c, count in zip(_blas_controllers(), saved):
+                c.set_num_threads(count)
+    return undo
+
+
+settings.on_override("num_threads", _follow_override)
 
 
 # ---------------------------------------------------------------------------
@@ -157,10 +194,13 @@ def parallel_map(fn, items):
     nested = threading.current_thread().name.startswith("npflux")
     if n <= 1 or len(items) <= 1 or nested:
         return [fn(item) for item in items]
-    if _POOL is None:
+    if _POOL is None or _POOL._max_workers < n - 1:  # none yet, or an override asks for more
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=max(n - 1, 1), thread_name_prefix="npflux")
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)  # its threads finish their work and exit
+        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npflux")
+    pool = _POOL
     # The workers already use the cores: a BLAS call inside one must not start
     # more threads of its own (measured: attention of one shakespeare-n layer
     # takes 216 ms with single-threaded BLAS in 2 workers, 1462 ms without this).
@@ -170,7 +210,7 @@ def parallel_map(fn, items):
     size = -(-len(items) // n)
     runs = [items[i : i + size] for i in range(0, len(items), size)]
     with _single_threaded_blas():
-        futures = [_POOL.submit(_run_all, fn, run) for run in runs[1:]]
+        futures = [pool.submit(_run_all, fn, run) for run in runs[1:]]
         try:
             results = _run_all(fn, runs[0])
         finally:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from npflux import settings as npflux_settings
 from npflux.backend import Backend, backend_of, cupy_available, get_backend, to_numpy
 
 # --------------------------------------------------------------------------
@@ -33,7 +34,7 @@ from npflux.backend import Backend, backend_of, cupy_available, get_backend, to_
 settings.register_profile(
     "npflux",
     deadline=None,
-    max_examples=int(os.environ.get("NPFLUX_HYPOTHESIS_EXAMPLES", "25")),
+    max_examples=npflux_settings.get("hypothesis_examples"),  # NPFLUX_HYPOTHESIS_EXAMPLES
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
@@ -128,8 +129,7 @@ def torch():
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The directory holding the real corpora; the test skips where it does not exist."""
-    env = os.environ.get("NPFLUX_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = npflux_settings.get("data_dir") or Path(__file__).resolve().parents[2] / "shared" / "data"
     if not path.is_dir():
         pytest.skip(f"shared data directory {path} not found (set NPFLUX_DATA_DIR)")
     return path
