@@ -1,6 +1,6 @@
 """npflux.nn: every module checked three ways.
 
-(a) float64 numerical gradients (npflux.gradcheck.check_module) of every input
+(a) float64 numerical gradients (npflux.testing.assert_module_gradients_match) of every input
     and every parameter, over shapes drawn by hypothesis;
 (b) PyTorch with copied weights: forward, input gradients and every
     parameter gradient, in float64 (1e-10) and float32 (1e-5);
@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from npflux.backend import get_backend, to_numpy
-from npflux.gradcheck import check_module
 from npflux.nn import (
     Block, Dropout, Embedding, FeedForward, KVCache, LayerNorm, Linear, Module, MultiHeadAttention,
     PositionalEmbedding, SinusoidalPositionalEncoding,
 )
+from npflux.testing import assert_module_gradients_match
 
 from conftest import dev, host
 
@@ -69,6 +69,7 @@ def rel(a, b):
 
 
 def assert_grads_ok(errors):
+    """For an errors dict from npflux.gradcheck (test_seq2seq's checks); this file uses npflux.testing."""
     assert errors, "nothing was checked"
     bad = {k: v for k, v in errors.items() if not v <= GRAD_TOL}
     assert not bad, f"gradient check failed (rel err > {GRAD_TOL}): {bad}; all: {errors}"
@@ -116,7 +117,7 @@ def test_gradcheck_linear(B, T, i, o, bias, seed):
     rng = np.random.default_rng(seed)
     m = randomize(Linear(i, o, bias=bias, dtype="float64"), rng)
     assert ("bias" in m.params) == bias
-    assert_grads_ok(check_module(m, {"x": dev(rng.standard_normal((B, T, i)), like=m)}, seed=seed))
+    assert_module_gradients_match(m, {"x": dev(rng.standard_normal((B, T, i)), like=m)}, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -126,7 +127,7 @@ def test_gradcheck_embedding(B, T, V, C, seed):
     rng = np.random.default_rng(seed)
     m = randomize(Embedding(V, C, dtype="float64"), rng)
     ids = rng.integers(0, min(V, 4), (B, T))  # few distinct ids: repeated rows must accumulate
-    assert_grads_ok(check_module(m, {"ids": ids}, seed=seed))
+    assert_module_gradients_match(m, {"ids": ids}, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -136,10 +137,10 @@ def test_gradcheck_positional(B, T, C, extra, seed):
     offset = int(rng.integers(0, extra + 1))
     x = dev(rng.standard_normal((B, T, C)))
     learned = randomize(PositionalEmbedding(T + extra, C, dtype="float64"), rng)
-    assert_grads_ok(check_module(learned, {"x": x}, kwargs={"offset": offset}, seed=seed))
+    assert_module_gradients_match(learned, {"x": x}, kwargs={"offset": offset}, seed=seed)
     fixed = SinusoidalPositionalEncoding(T + extra, C, dtype="float64")
     assert fixed.params == {} and fixed.grads == {}
-    assert_grads_ok(check_module(fixed, {"x": x}, kwargs={"offset": offset}, seed=seed))
+    assert_module_gradients_match(fixed, {"x": x}, kwargs={"offset": offset}, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -148,7 +149,7 @@ def test_gradcheck_layernorm(B, T, C, seed):
     rng = np.random.default_rng(seed)
     m = randomize(LayerNorm(C, dtype="float64"), rng)
     x = 2.0 * rng.standard_normal((B, T, C)) + rng.standard_normal()  # an offset the mean must remove
-    assert_grads_ok(check_module(m, {"x": dev(x, like=m)}, seed=seed))
+    assert_module_gradients_match(m, {"x": dev(x, like=m)}, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -156,7 +157,7 @@ def test_gradcheck_layernorm(B, T, C, seed):
 def test_gradcheck_dropout(B, T, C, p, seed):
     rng = np.random.default_rng(seed)
     drop = Dropout(p, dtype="float64")
-    assert_grads_ok(check_module(Reseeded(drop, seed), {"x": rng.standard_normal((B, T, C))}, seed=seed))
+    assert_module_gradients_match(Reseeded(drop, seed), {"x": rng.standard_normal((B, T, C))}, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -165,7 +166,7 @@ def test_gradcheck_dropout(B, T, C, p, seed):
 def test_gradcheck_feedforward(B, T, C, hidden, activation, bias, seed):
     rng = np.random.default_rng(seed)
     m = randomize(FeedForward(C, hidden, activation=activation, bias=bias, dtype="float64"), rng).eval()
-    assert_grads_ok(check_module(m, {"x": dev(rng.standard_normal((B, T, C)), like=m)}, seed=seed))
+    assert_module_gradients_match(m, {"x": dev(rng.standard_normal((B, T, C)), like=m)}, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -177,7 +178,7 @@ def test_gradcheck_self_attention(B, T, hd, causal, masked, qkv_bias, seed):
     rng = np.random.default_rng(seed)
     m = randomize(MultiHeadAttention(H * D, H, causal=causal, qkv_bias=qkv_bias, dtype="float64"), rng).eval()
     kwargs = {"mask": key_mask(rng, B, T, keep_one=False)[:, None, None, :]} if masked else {}
-    assert_grads_ok(check_module(m, {"x": dev(rng.standard_normal((B, T, H * D)), like=m)}, kwargs=kwargs, seed=seed))
+    assert_module_gradients_match(m, {"x": dev(rng.standard_normal((B, T, H * D)), like=m)}, kwargs=kwargs, seed=seed)
 
 
 @GRAD_SETTINGS
@@ -190,9 +191,8 @@ def test_gradcheck_cross_attention(B, T, S, hd, masked, seed):
     inputs = {"x": dev(rng.standard_normal((B, T, H * D)), like=m),
               "context": dev(rng.standard_normal((B, S, H * D)), like=m)}
     kwargs = {"mask": key_mask(rng, B, S)[:, None, None, :]} if masked else {}
-    errors = check_module(m, inputs, kwargs=kwargs, seed=seed)
+    errors = assert_module_gradients_match(m, inputs, kwargs=kwargs, seed=seed)
     assert {"x", "context"} <= set(errors)
-    assert_grads_ok(errors)
 
 
 @GRAD_SETTINGS
@@ -211,9 +211,8 @@ def test_gradcheck_block(B, T, hd, cross, activation, seed):
         S = int(rng.integers(1, 5))
         inputs["context"] = dev(rng.standard_normal((B, S, C)), like=m)
         kwargs["context_mask"] = key_mask(rng, B, S)[:, None, None, :]
-    errors = check_module(m, inputs, kwargs=kwargs, seed=seed)
+    errors = assert_module_gradients_match(m, inputs, kwargs=kwargs, seed=seed)
     assert len(errors) == len(m.params) + len(inputs)
-    assert_grads_ok(errors)
 
 
 # --------------------------------------------------------------------------
