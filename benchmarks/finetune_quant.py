@@ -71,7 +71,8 @@ def step_seconds(ckpt, mode, ids, args, reps):
     ``full`` updates every parameter; ``lora`` / ``qlora`` only the adapters (float / int8 base)."""
     from npflux import optim
     from npflux.data import get_batch
-    from npflux.nn.lora import apply_lora, lora_gradients, lora_parameters
+    from npflux.nn.convert import apply_lora
+    from npflux.nn.lora import lora_gradients, lora_parameters
 
     model, _, _ = model_from_checkpoint(ckpt)
     if mode == "qlora":

@@ -24,6 +24,7 @@ directory at a time.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +36,6 @@ import numpy as np
 import safetensors.numpy
 
 from .backend import get_backend, to_numpy
-from .data import sha256_file
 
 FORMAT = "npflux-checkpoint"
 FORMAT_VERSION = 1
@@ -134,6 +134,15 @@ def rng_from_json(state: dict, backend=None):
 # ---------------------------------------------------------------------------
 # low-level writing (small functions, so tests can make one fail on purpose)
 # ---------------------------------------------------------------------------
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints, adapters' bases, corpora)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 _sha256 = sha256_file

@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from . import settings
+
 
 def _train(args):
     from .data import download_tinyshakespeare, find_corpus, load_text, prepare_dataset
@@ -164,7 +166,7 @@ def _bench(args):
     from .bench import WAIT_ENV, run_quick
 
     missing = {k: v for k, v in WAIT_ENV.items() if k not in os.environ}
-    if missing and args.from_command_line and not os.environ.get("NPFLUX_BENCH_REEXEC"):
+    if missing and args.from_command_line and not settings.get("bench_reexec"):
         # The thread pools read these when they load, which has already happened: start again with them.
         os.environ.update(missing, NPFLUX_BENCH_REEXEC="1")
         os.execv(sys.executable, [sys.executable, "-m", "npflux.cli", *sys.argv[1:]])
@@ -251,7 +253,7 @@ def main(argv=None):
     except (OSError, ValueError, KeyError) as exc:
         # Missing files, damaged checkpoints, unknown presets or characters: a one-line
         # message and exit status 1 instead of a traceback (NPFLUX_DEBUG=1 shows it).
-        if os.environ.get("NPFLUX_DEBUG"):
+        if settings.get("debug"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         parser.exit(1, f"npflux {args.command}: error: {message}\n")

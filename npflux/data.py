@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import settings
+from .checkpoint import sha256_file  # noqa: F401  (data.sha256_file, as before)
 from .tokenizers import CharTokenizer, load_tokenizer
 
 TINYSHAKESPEARE_NAME = "tinyshakespeare.txt"
@@ -34,15 +35,6 @@ REPO_SHAKESPEARE = REPO_ROOT / "data" / "shakespeare_char" / "input.txt"
 
 class ChecksumError(ValueError):
     """A corpus file is not the one expected (its SHA-256 differs)."""
-
-
-def sha256_file(path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path, expected: str = TINYSHAKESPEARE_SHA256):

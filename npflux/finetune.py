@@ -22,10 +22,12 @@ from pathlib import Path
 from . import optim
 from .backend import get_backend
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import get_batch, sha256_file
+from .checkpoint import sha256_file
+from .data import get_batch
 from .models import GPT, GPTConfig
-from .nn.lora import apply_lora, lora_gradients, lora_modules, lora_parameters
-from .nn.quant import QuantizedLinear, named_buffers, quantize_linears, refresh_flat_parameters, set_submodule
+from .nn.convert import apply_lora, quantize_linears, refresh_flat_parameters, set_submodule
+from .nn.lora import lora_gradients, lora_modules, lora_parameters
+from .nn.quant import QuantizedLinear, named_buffers
 
 # The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
 # not a Linear module (it may share wte's matrix), so it, the embeddings and the norms stay float.

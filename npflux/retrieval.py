@@ -549,7 +549,7 @@ def _fresh_sibling(directory: Path, tag: str) -> Path:
 
 
 def _sha256(path) -> str:
-    from .data import sha256_file
+    from .checkpoint import sha256_file
 
     return sha256_file(path)
 

@@ -61,10 +61,15 @@ def test_gelu_fast_equals_textbook(threads, N, C, dtype, seed):
         y, cache = ops.gelu_forward(x)
         y_ref, cache_ref = ref.gelu_forward(x)
         assert y.dtype == dtype
-        close(y, y_ref, dtype)
+        # gelu(x) = 0.5 x + 0.5 x tanh(u): for x below about -2 the two terms nearly cancel, so both
+        # versions are exact only to rounding of the TERMS, about u |x|, not of the small result; the
+        # norm-wise error is measured against that magnitude (rel_error's floor). Likewise each
+        # derivative term is bounded by |dy| (1 + |x| du/dx).
+        assert rel_error(y, y_ref, floor=np.linalg.norm(x)) <= TOL[dtype]
         dx = ops.gelu_backward(dy, cache)
         assert dx.dtype == dtype
-        close(dx, ref.gelu_backward(dy, cache_ref), dtype)
+        terms = np.linalg.norm(dy * (1 + np.abs(x) * (1 + 0.135 * x * x)))
+        assert rel_error(dx, ref.gelu_backward(dy, cache_ref), floor=terms) <= TOL[dtype]
         close(ops.gelu_backward(dy.copy(), cache, out=None), dx, dtype)
         mine = dy.copy()
         assert ops.gelu_backward(mine, cache, out=mine) is mine  # in place over the caller's dy

@@ -190,20 +190,8 @@ class GPT(Module):
         c = self.config
         return [KVCache(self.xp, batch, c.n_head, c.block_size, c.n_embd // c.n_head, self.dtype) for _ in range(c.n_layer)]
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, use_cache=True,
-                 eos_id=None):
-        """idx (B, T) with up to ``max_new_tokens`` sampled tokens appended (see npflux.generate)."""
-        from ..generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, use_cache=use_cache, eos_id=eos_id)
-
-    def beam_search(self, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0, eos_id=None, use_cache=True):
-        """(sequences, scores) of the best ``beam_width`` continuations of one prompt (see npflux.generate)."""
-        from ..generate import beam_search
-
-        return beam_search(self, idx, beam_width=beam_width, max_new_tokens=max_new_tokens,
-                           length_penalty=length_penalty, eos_id=eos_id, use_cache=use_cache)
+    # model.generate(...) and model.beam_search(...) are npflux.generate's functions, attached
+    # to the class there: decoding sits above the models and imports them, never the reverse.
 
     # -- loading -------------------------------------------------------------------------
     def load_state_dict(self, state, strict=True):

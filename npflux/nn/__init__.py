@@ -5,9 +5,10 @@ from .encoder_decoder import EncoderDecoder, TransformerDecoder, TransformerEnco
 from .layers import (
     Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEmbedding, SinusoidalPositionalEncoding,
 )
-from .lora import LoRALinear, apply_lora, lora_parameters, merge_lora, unmerge_lora
+from .convert import apply_lora, quantize_linears
+from .lora import LoRALinear, lora_parameters, merge_lora, unmerge_lora
 from .module import Module, ModuleList
-from .quant import FrozenLinear, QuantizedLinear, dequantize_int8, quantize_int8, quantize_linears
+from .quant import FrozenLinear, QuantizedLinear, dequantize_int8, quantize_int8
 
 __all__ = [
     "EncoderDecoder", "TransformerDecoder", "TransformerEncoder",

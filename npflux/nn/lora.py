@@ -23,12 +23,10 @@ of y and dy; the blocks' dx terms add up.
 what the plain layer costs); ``unmerge()`` takes it out again.
 """
 import math
-import re
 
 from ..backend import get_backend
-from .layers import Linear
 from .module import Module
-from .quant import FrozenLinear, QuantizedLinear, path_matches, refresh_flat_parameters, set_submodule
+from .quant import FrozenLinear, QuantizedLinear
 
 
 class LoRALinear(Module):
@@ -143,67 +141,6 @@ class LoRALinear(Module):
 FUSED_BLOCKS = {"c_attn": ("q", "k", "v"), "kv_proj": ("k", "v")}
 
 
-def parse_target(target):
-    """"attn.c_attn[q,v]" -> ("attn.c_attn", ("q", "v")); "mlp.c_fc" -> ("mlp.c_fc", None)."""
-    match = re.fullmatch(r"(.+)\[([\w,\s]+)\]", target.strip())
-    if not match:
-        return target.strip(), None
-    return match.group(1), tuple(b.strip() for b in match.group(2).split(",") if b.strip())
-
-
-def _blocks_of(path, module, parts):
-    """{name: (start, stop)} for the requested parts of a fused projection (None: the whole layer)."""
-    if parts is None:
-        return None
-    layer = path.rpartition(".")[2]
-    names = FUSED_BLOCKS.get(layer)
-    if names is None or any(p not in names for p in parts):
-        raise ValueError(f"apply_lora: {path} has no parts {list(parts)}; fused layers and their parts: {FUSED_BLOCKS}")
-    width = module.shape[1] // len(names)
-    return {p: (names.index(p) * width, (names.index(p) + 1) * width) for p in parts}
-
-
-def apply_lora(model, targets, rank=8, alpha=None, seed=0):
-    """Put LoRA adapters on the linear layers whose dotted paths match ``targets`` (fnmatch patterns).
-
-    A pattern may name parts of a fused projection: "attn.c_attn[q,v]" puts
-    separate adapters on the q and v column blocks of c_attn only (the LoRA
-    paper's choice). Every OTHER linear layer is frozen too (a FrozenLinear),
-    so no linear weight of the model has a gradient array any more; the
-    adapters' A and B are the model's only linear-layer parameters.
-    Embeddings, layer norms and a GPT's lm_head keep theirs: pass
-    ``lora_parameters(model)`` to the optimizer so that only the adapters
-    train. A pattern that matches no linear layer, or two patterns that
-    match one layer, are errors. Returns the adapted paths.
-    """
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if not targets:
-        raise ValueError("apply_lora: give at least one target pattern (e.g. 'attn.c_attn')")
-    parsed = [parse_target(t) for t in targets]
-    rng = get_backend("numpy").rng(seed)
-    linears = [(path, m) for path, m in model.named_modules()
-               if isinstance(m, (Linear, FrozenLinear, QuantizedLinear, LoRALinear))]
-    if any(isinstance(m, LoRALinear) for _, m in linears):
-        raise ValueError("apply_lora: the model already has LoRA adapters")
-    unmatched = [t for t, (pattern, _) in zip(targets, parsed) if not any(path_matches(path, pattern) for path, _ in linears)]
-    if unmatched:
-        raise ValueError(f"apply_lora: no linear layer matches {unmatched}; linear layers are "
-                         f"{', '.join(path for path, _ in linears[:8])}{' ...' if len(linears) > 8 else ''}")
-    adapted = []
-    for path, m in linears:
-        base = FrozenLinear.from_linear(m) if isinstance(m, Linear) else m
-        hits = [parts for pattern, parts in parsed if path_matches(path, pattern)]
-        if len(hits) > 1:
-            raise ValueError(f"apply_lora: {path} is matched by more than one target pattern {targets}")
-        if hits:
-            base = LoRALinear(base, rank, alpha, rng=rng, blocks=_blocks_of(path, base, hits[0]))
-            adapted.append(path)
-        if base is not m:
-            set_submodule(model, path, base)
-    refresh_flat_parameters(model)
-    return adapted
-
-
 def lora_modules(model):
     """(path, LoRALinear) for every adapter of the model."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -237,3 +174,12 @@ def unmerge_lora(model):
     """Take every adapter out of its base weight again: all or none."""
     for m in _mergeable_layers(model):
         m.unmerge()
+
+
+def __getattr__(name):
+    # Moved to npflux.nn.convert; importable from here for one release.
+    if name in ("apply_lora", "parse_target"):
+        from . import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ weight and bias live in ``buffers``), and their backward returns only the
 input gradient dx = dy @ W^T. They are the base of a LoRA adapter
 (``npflux.nn.lora``) and the layers of a quantized model.
 """
-import fnmatch
 
 from .. import ops
 from ..backend import get_array_module
@@ -153,67 +152,19 @@ class QuantizedLinear(Module):
         return input_grad(dy, self.weight())
 
 
-def set_submodule(root, path, new):
-    """Put ``new`` where the module at dotted ``path`` is (the parent's attribute, so its structure version moves)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = root
-    for part in parent_path.split(".") if parent_path else []:
-        parent = parent._children[part]
-    if name not in parent._children:
-        raise KeyError(f"no submodule {path!r}")
-    setattr(parent, name, new)
-
-
-def path_matches(path, pattern):
-    """fnmatch on the dotted path; a pattern without a leading wildcard also matches as a suffix
-    ("attn.c_attn" matches "transformer.h.3.attn.c_attn")."""
-    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
-
-
-def quantize_linears(model, group_size=None, targets=("*",)):
-    """Replace every Linear / FrozenLinear whose path matches a pattern in ``targets`` by a QuantizedLinear.
-
-    A LoRA layer must be merged first (``merge_lora``): the whole layer is
-    then replaced by the int8 copy of its merged weight, so the fine-tuned
-    model is what gets quantized. An unmerged one is an error (its adapter
-    would be lost or left float). Returns the quantized paths. The model's
-    parameter buffers are rebuilt (``flatten_parameters``) when it had them,
-    so ``zero_grad`` and the optimizer see exactly the parameters that remain.
-    """
-    from .layers import Linear
-    from .lora import LoRALinear
-
-    done = []
-    for path, m in list(model.named_modules()):
-        if any(path.startswith(p + ".") for p in done):
-            continue  # the frozen base inside a LoRA layer just replaced
-        if not any(path_matches(path, t) for t in targets):
-            continue
-        if isinstance(m, LoRALinear):
-            if not (m.merged and isinstance(m.base, FrozenLinear)):
-                raise ValueError(f"quantize: {path} has an unmerged LoRA adapter; merge_lora(model) first "
-                                 f"(or quantize before apply_lora, for QLoRA)")
-            m = m.base
-        if isinstance(m, (Linear, FrozenLinear)):
-            set_submodule(model, path, QuantizedLinear.from_linear(m, group_size))
-            done.append(path)
-    if not done:
-        raise ValueError(f"quantize: no linear layer matches {list(targets)}")
-    refresh_flat_parameters(model)
-    return done
-
-
-def refresh_flat_parameters(model):
-    """After layers were swapped: one buffer for the parameters that are left, if the model used one."""
-    if getattr(model, "_flat_grads", None) is not None:
-        object.__setattr__(model, "_flat_grads", None)
-        if model.params:
-            model.flatten_parameters()
-
-
 def named_buffers(module, prefix=""):
     """Every buffer of ``module`` and its children by dotted name (the frozen layers' arrays)."""
     out = {prefix + k: v for k, v in getattr(module, "buffers", {}).items()}
     for name, child in module.named_children():
         out.update(named_buffers(child, f"{prefix}{name}."))
     return out
+
+
+def __getattr__(name):
+    # Moved to npflux.nn.convert (model surgery, which needs both this module and lora);
+    # these names stay importable from here for one release.
+    if name in ("quantize_linears", "set_submodule", "path_matches", "refresh_flat_parameters"):
+        from . import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
