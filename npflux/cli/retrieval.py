@@ -1,21 +1,21 @@
-"""``npflux index | search | ask | serve``: the document store, retrieval-augmented answers, the HTTP API.
+"""``npflux index | search | ask``: the document store and retrieval-augmented answers.
 
     npflux index --docs FILE --out DIR [--method tfidf|model --checkpoint CKPT]
     npflux search (--docs FILE | --index DIR) [--method ...] [--checkpoint CKPT] [-k 5] "query"
     npflux ask --checkpoint CKPT (--docs FILE | --index DIR) [-k 3] "What is the capital of France?"
-    npflux serve --checkpoint CKPT [--docs FILE | --index DIR] [--host 127.0.0.1] [--port 8000]
 """
 import json
 import sys
 
-
-def _model(args):
-    from ..cli import _load
-
-    return _load(args) if getattr(args, "checkpoint", None) else (None, None)
+from .common import add_backend_flag, add_sampling_flags, load_for_text
 
 
-def _index(args, model, tokenizer, lock=None):
+def model_if_given(args):
+    """(model, tokenizer) when --checkpoint was given, else (None, None)."""
+    return load_for_text(args) if getattr(args, "checkpoint", None) else (None, None)
+
+
+def index_for(args, model, tokenizer, lock=None):
     """The document index the arguments ask for (None when neither --docs nor --index)."""
     from ..retrieval import DocumentIndex
 
@@ -34,7 +34,7 @@ def _index(args, model, tokenizer, lock=None):
                                    model=model, tokenizer=tokenizer, center=args.center, progress=True, lock=lock)
 
 
-def _note_dropped(index):
+def note_dropped(index):
     dropped = index.encoder_info.get("dropped_characters") if index is not None else None
     if dropped:
         print(f"note: the model's vocabulary lacks {', '.join(map(repr, dropped))}; "
@@ -42,18 +42,18 @@ def _note_dropped(index):
 
 
 def _index_cmd(args):
-    model, tokenizer = _model(args)
+    model, tokenizer = model_if_given(args)
     if args.method == "model" and model is None:
         sys.exit("--method model embeds with a GPT: give --checkpoint")
-    index = _index(args, model, tokenizer)
-    _note_dropped(index)
+    index = index_for(args, model, tokenizer)
+    note_dropped(index)
     path = index.save(args.out)
     print(f"indexed {len(index)} passages of {args.docs} ({index.method}) -> {path}")
 
 
 def _search(args):
-    model, tokenizer = _model(args)
-    index = _index(args, model, tokenizer)
+    model, tokenizer = model_if_given(args)
+    index = index_for(args, model, tokenizer)
     if index is None:
         sys.exit("give --docs FILE or --index DIR")
     results = index.search(args.query, args.k)
@@ -69,9 +69,9 @@ def _search(args):
 def _ask(args):
     from ..serve import Engine
 
-    model, tokenizer = _model(args)
+    model, tokenizer = model_if_given(args)
     engine = Engine(model, tokenizer, template=args.template)
-    engine.index = _index(args, model, tokenizer, lock=engine.lock)
+    engine.index = index_for(args, model, tokenizer, lock=engine.lock)
     if engine.index is None:
         sys.exit("give --docs FILE or --index DIR")
     out = engine.ask(args.question, k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -94,29 +94,7 @@ def _ask(args):
         print(f"  [{s['rank']}] line {s['line']} (score {s['score']:.3f}, {where}): {s['text']}")
 
 
-def _serve(args):
-    try:
-        from ..serve import Engine, Limits, create_app, run
-
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        from ..serve import SERVE_MISSING
-
-        sys.exit(SERVE_MISSING)
-    model, tokenizer = _model(args)
-    engine = Engine(model, tokenizer, template=args.template)
-    engine.index = _index(args, model, tokenizer, lock=engine.lock)
-    _note_dropped(engine.index)
-    limits = Limits(max_new_tokens=args.max_new_tokens_limit, max_request_bytes=args.max_request_bytes)
-    app = create_app(engine, limits)
-    docs = f", {len(engine.index)} passages ({engine.index.method})" if engine.index else ""
-    print(f"npflux serve: {args.checkpoint}{docs} on http://{args.host}:{args.port}  "
-          f"(OpenAPI: /docs and /openapi.json)", file=sys.stderr)
-    run(app, host=args.host, port=args.port, log_level=args.log_level, max_concurrency=args.max_concurrency)
-
-
-def _docs_options(p, with_index=True):
+def add_docs_flags(p, with_index=True):
     p.add_argument("--docs", required=not with_index,
                    help="a text file: one passage per line, or per paragraph where blank lines separate them")
     if with_index:
@@ -128,28 +106,20 @@ def _docs_options(p, with_index=True):
     p.add_argument("--max-chars", type=int, default=1000, help="longer passages are cut at whitespace (default 1000)")
     p.add_argument("--no-center", dest="center", action="store_false",
                    help="model embeddings: do not subtract the passages' mean vector")
-    p.add_argument("--backend")
-
-
-def _sampling_options(p, temperature):
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    add_backend_flag(p)
 
 
 def add_parsers(sub):
     from ..retrieval import RAG_TEMPLATE
 
     p = sub.add_parser("index", help="split a text file into passages, embed them, and save the index")
-    _docs_options(p, with_index=False)
+    add_docs_flags(p, with_index=False)
     p.add_argument("--checkpoint", help="the GPT whose hidden states embed the passages (--method model)")
     p.add_argument("--out", required=True, help="index directory to write")
     p.set_defaults(func=_index_cmd)
 
     p = sub.add_parser("search", help="the passages most similar to a query (cosine similarity)")
-    _docs_options(p)
+    add_docs_flags(p)
     p.add_argument("--checkpoint", help="the GPT for --method model (or the one a model index was built with)")
     p.add_argument("-k", type=int, default=5, help="how many passages (default 5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -158,24 +128,13 @@ def add_parsers(sub):
 
     p = sub.add_parser("ask", help="retrieval-augmented generation: retrieve passages, prompt, answer, cite")
     p.add_argument("--checkpoint", required=True)
-    _docs_options(p)
+    add_docs_flags(p)
     p.add_argument("-k", type=int, default=3, help="passages to retrieve (default 3)")
-    _sampling_options(p, temperature=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_sampling_flags(p, temperature=0.0)
     p.add_argument("--template", default=RAG_TEMPLATE, help="prompt with {context} and {question} (default: %(default)r)")
     p.add_argument("--no-stop", action="store_true", help="do not stop the answer at the first newline")
     p.add_argument("--show-prompt", action="store_true", help="print the prompt the model was given")
     p.add_argument("--json", action="store_true", help="print answer, prompt and sources as JSON")
     p.add_argument("question")
     p.set_defaults(func=_ask)
-
-    p = sub.add_parser("serve", help="an HTTP API (FastAPI + uvicorn): generate, stream, search, ask, health")
-    p.add_argument("--checkpoint", required=True)
-    _docs_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-new-tokens-limit", type=int, default=256, help="the most tokens one request may ask for")
-    p.add_argument("--max-request-bytes", type=int, default=64 * 1024, help="larger request bodies are answered 413")
-    p.add_argument("--max-concurrency", type=int, help="connections above this are answered 503 (default: no limit)")
-    p.add_argument("--template", default=RAG_TEMPLATE, help="the /v1/ask prompt, with {context} and {question}")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=_serve)

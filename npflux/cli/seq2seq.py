@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from .common import add_backend_flag
+
 
 def _task(name, seed):
     from ..tasks import DateTask
@@ -77,7 +79,7 @@ def add_parsers(subparsers):
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32")
-    t.add_argument("--backend")
+    add_backend_flag(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
@@ -85,7 +87,7 @@ def add_parsers(subparsers):
     d.add_argument("--checkpoint", required=True)
     d.add_argument("sources", nargs="+", help="source strings")
     d.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
-    d.add_argument("--backend")
+    add_backend_flag(d)
     d.set_defaults(func=_decode)
 
     e = sub.add_parser("eval", help="exact match on the task's held-out set")
@@ -94,5 +96,5 @@ def add_parsers(subparsers):
     e.add_argument("--task-seed", type=int, help="default: the seed the checkpoint was trained with")
     e.add_argument("--beam", type=int, default=1)
     e.add_argument("--limit", type=int, help="only the first N held-out examples")
-    e.add_argument("--backend")
+    add_backend_flag(e)
     e.set_defaults(func=_eval)

@@ -11,13 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+from .common import add_backend_flag, load_for_text
+
 
 def _load_model(checkpoint, backend):
     from argparse import Namespace
 
-    from ..cli import _load
-
-    return _load(Namespace(checkpoint=checkpoint, backend=backend))
+    return load_for_text(Namespace(checkpoint=checkpoint, backend=backend))
 
 
 def _read_ids(tokenizer, path, skip_unknown):
@@ -176,7 +176,7 @@ def add_parsers(sub):
     a.add_argument("--context", type=int, help="window length in tokens (default: the model's block_size)")
     a.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     a.add_argument("--skip-unknown", action="store_true", help="drop characters the tokenizer does not know")
-    a.add_argument("--backend")
+    add_backend_flag(a)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_activations)
 
@@ -203,7 +203,7 @@ def add_parsers(sub):
     t.add_argument("--context", type=int, help="window length in tokens (default: the model's block_size)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--skip-unknown", action="store_true", help="drop characters the tokenizer does not know")
-    t.add_argument("--backend")
+    add_backend_flag(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_sae_train)
 
@@ -220,6 +220,6 @@ def add_parsers(sub):
     f.add_argument("--after", type=_count(0), default=8, help="tokens shown after it")
     f.add_argument("--max-tokens", type=_count(1), help="use only the first N tokens of the text")
     f.add_argument("--skip-unknown", action="store_true")
-    f.add_argument("--backend")
+    add_backend_flag(f)
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_sae_features)

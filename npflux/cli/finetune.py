@@ -14,6 +14,8 @@ import re
 import time
 from pathlib import Path
 
+from .common import add_backend_flag, print_sample
+
 
 def _quantize(args):
     from ..data import load_text
@@ -66,7 +68,6 @@ def _quantize(args):
 
 
 def _finetune(args):
-    from ..cli import _print_sample
     from ..data import load_text
     from ..finetune import FinetuneConfig, checkpoint_doc_sep, encode_for, finetune, save_adapter, split_text
     from ..train import model_from_checkpoint
@@ -111,7 +112,7 @@ def _finetune(args):
           f"({100 * summary['trainable_fraction']:.2f}%)")
     print(f"adapter: {adapter_dir} ({summary['adapter_bytes'] / 1e3:.1f} kB)   summary: {out / 'finetune.json'}")
     if args.sample_tokens:
-        _print_sample(model, tokenizer, text[: min(8, len(text))], args.sample_tokens, temperature=0.8, top_k=None,
+        print_sample(model, tokenizer, text[: min(8, len(text))], args.sample_tokens, temperature=0.8, top_k=None,
                       top_p=None, seed=args.seed)
 
 
@@ -123,7 +124,7 @@ def add_parsers(sub):
     q.add_argument("--data", help="text file to measure val loss and perplexity on, float vs int8")
     q.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of --data is the val text (default 0.1, as train)")
     q.add_argument("--json", help="also write the numbers as JSON here")
-    q.add_argument("--backend")
+    add_backend_flag(q)
     q.set_defaults(func=_quantize)
 
     f = sub.add_parser("finetune", help="train LoRA adapters of a checkpoint on a new text; saves only the adapters")
@@ -149,5 +150,5 @@ def add_parsers(sub):
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--sample-tokens", type=int, default=200, help="print a sample of this many tokens at the end (0: none)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--backend")
+    add_backend_flag(f)
     f.set_defaults(func=_finetune)

@@ -13,6 +13,8 @@ layer. The default layer is the last one.
 """
 from __future__ import annotations
 
+from .common import add_backend_flag, load_for_text
+
 
 def _layer(value):
     return None if value == "all" else int(value)
@@ -45,11 +47,10 @@ def _attention(args):
                   "encoder": ("source token", "source token"),
                   "decoder": ("output token (predicted)", "decoder input")}[args.kind]
     else:
-        from ..cli import _load
 
         if args.prompt is None:
             raise ValueError(f"{args.checkpoint} is a GPT: give --prompt TEXT")
-        model, tokenizer = _load(args)
+        model, tokenizer = load_for_text(args)
         result = gpt_attention(model, tokenizer, args.prompt)
         title = f"causal self-attention: {args.prompt!r}"
         labels = ("query token", "key token")
@@ -78,5 +79,5 @@ def add_parsers(subparsers):
     a.add_argument("--layer", type=_layer, default=-1, help="layer index (negative from the end, default -1) or 'all'")
     a.add_argument("--head", type=_head, help="one head, or 'mean' for the mean over heads (default: every head)")
     a.add_argument("--out", default="attention.png", help="image path (PNG)")
-    a.add_argument("--backend")
+    add_backend_flag(a)
     a.set_defaults(func=_attention)

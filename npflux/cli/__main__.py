@@ -1,0 +1,4 @@
+"""``python -m npflux.cli ...`` is the ``npflux`` command."""
+from . import main
+
+main()

@@ -1,0 +1,43 @@
+"""What several commands share: flags declared once, loading a model for text, printing samples."""
+from __future__ import annotations
+
+import sys
+
+
+def add_backend_flag(p):
+    p.add_argument("--backend", help="numpy or cupy (default: NPFLUX_BACKEND, else numpy)")
+
+
+def add_sampling_flags(p, temperature=0.8):
+    """--temperature, --top-k, --top-p, --seed: the sampling knobs of every command that generates."""
+    p.add_argument("--temperature", type=float, default=temperature, help=f"softmax temperature (default {temperature}; 0: greedy)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
+    p.add_argument("--seed", type=int, help="seed of the sampler (default: fresh randomness)")
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes of a command-line string turned into characters ('\\n' -> newline); the rest kept."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def print_sample(model, tokenizer, prompt, n, stop_at_eos=True, **kw):
+    from ..backend import to_numpy
+    from ..tokenizers import decode_text, encode_prompt
+
+    ids = encode_prompt(tokenizer, prompt)
+    eos = getattr(tokenizer, "eos_id", None) if stop_at_eos else None
+    out = to_numpy(model.generate(model.backend.asarray([ids]), n, eos_id=eos, **kw))[0].tolist()
+    if eos in out[len(ids):]:
+        out = out[: out.index(eos, len(ids))]  # the document ended here
+    print(decode_text(tokenizer, out))
+
+
+def load_for_text(args):
+    """(model, tokenizer) of --checkpoint on --backend; an exit with a message when it has no tokenizer."""
+    from ..train import model_from_checkpoint
+
+    model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
+    if tokenizer is None:
+        sys.exit(f"{args.checkpoint} has no tokenizer; cannot encode text")
+    return model, tokenizer
