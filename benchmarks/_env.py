@@ -3,7 +3,7 @@
 Reads ``--threads N`` from the command line (default: os.cpu_count()) and
 sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS to N, so
 NumPy's BLAS and torch use the same number of threads; the scripts then call
-``torch.set_num_threads(N)`` too (npflux.bench.load_torch).
+``torch.set_num_threads(N)`` too (benchlib.load_torch).
 """
 import os
 import sys
@@ -26,7 +26,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 # steals the cores from the other library's next call: measured here, NumPy's
 # 2-thread sgemm drops from 190 to 95 GFLOP/s and torch's from 145 to 58 right
 # after the other ran. Idle threads that sleep make the alternation fair.
-for _var, _value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OPENBLAS_THREAD_TIMEOUT", "4")):  # = npflux.bench.WAIT_ENV
+for _var, _value in (("OMP_WAIT_POLICY", "PASSIVE"), ("OPENBLAS_THREAD_TIMEOUT", "4")):  # = benchlib.WAIT_ENV
     os.environ.setdefault(_var, _value)
 
 

@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from npflux import bench
+import benchlib as bench
 from npflux.generate import beam_search
 from npflux.models import GPT, GPTConfig
 

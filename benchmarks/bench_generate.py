@@ -12,7 +12,7 @@ import _env  # noqa: F401  (threads before numpy)
 
 import argparse
 
-from npflux import bench
+import benchlib as bench
 
 
 def main():

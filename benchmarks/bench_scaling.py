@@ -2,17 +2,17 @@
 
     python benchmarks/bench_scaling.py [--quick] [--reps 5] [--threads N] [--no-memory]
 
-Sweeps (see npflux.bench.scaling_configs): T = 32..512 at shakespeare-s2's
+Sweeps (see benchlib.scaling_configs): T = 32..512 at shakespeare-s2's
 architecture and batch 4; C = 64..512 at 4 layers, 4 heads, batch 8, T 64.
 Also the peak RSS of a training step per framework and preset, each in a
-fresh subprocess (npflux.bench.bench_memory; --no-memory skips it).
+fresh subprocess (benchlib.bench_memory; --no-memory skips it).
 Writes benchmarks/results/scaling.json, scaling.png and memory.json.
 """
 import _env  # noqa: F401  (threads before numpy)
 
 import argparse
 
-from npflux import bench
+import benchlib as bench
 
 
 def main():

@@ -16,7 +16,7 @@ import _env  # noqa: F401  (threads before numpy)
 
 import argparse
 
-from npflux import bench
+import benchlib as bench
 from npflux.models.seq2seq import Seq2SeqTransformer
 from npflux.tasks import DateTask
 from npflux.train_seq2seq import model_config_for

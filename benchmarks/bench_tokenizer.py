@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("RAYON_NUM_THREADS", str(_env.THREADS))  # before tokenizers loads
 
-from npflux import bench  # noqa: E402
+import benchlib as bench  # noqa: E402
 from npflux.data import find_corpus, load_text  # noqa: E402
 from npflux.tokenizers import BPETokenizer, CharTokenizer  # noqa: E402
 

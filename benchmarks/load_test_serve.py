@@ -174,7 +174,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args()
 
-    from npflux.bench import machine_info
+    from benchlib import machine_info
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint or str(random_checkpoint(tmp))

@@ -63,7 +63,7 @@ def main():
     args = p.parse_args()
 
     from npflux import GPT
-    from npflux.bench import machine_info
+    from benchlib import machine_info
     from npflux.retrieval import DocumentIndex
     from npflux.train import model_from_checkpoint
 

@@ -217,7 +217,7 @@ def main(argv=None):
             info["torch_threads"] = torch.get_num_threads()
             info["torch_version"] = torch.__version__
             step = _torch_step(cfg, B, T, args.lib.split("_", 1)[1], args.device, args.dtype)
-        from npflux.bench import train_step_flops
+        from benchlib import train_step_flops
 
         info["flops_per_call"] = train_step_flops(cfg, B, T)["total"]
     info["setup_s"] = time.perf_counter() - t_import

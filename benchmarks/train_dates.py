@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from npflux import bench
+import benchlib as bench
 from npflux.tasks import DateTask
 from npflux.train_seq2seq import Seq2SeqTrainConfig, exact_match, model_config_for, train_seq2seq
 

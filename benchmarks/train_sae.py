@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npflux import bench
+import benchlib as bench
 from npflux.data import find_corpus, load_text
 from npflux.interp import (
     encode_text, evaluate_sae, feature_report, input_scale, report_text, residual_vectors, save_sae, spliced_loss,

@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from npflux import bench, optim
+import benchlib as bench
+from npflux import optim
 from npflux.data import find_corpus, get_batch, load_text, prepare_char_dataset
 from npflux.models import GPT, GPTConfig
 from npflux.train import TrainConfig, estimate_loss, make_optimizer

@@ -15,9 +15,6 @@ debug                NPFLUX_DEBUG                flag      False
     (a flag is 1/true/yes/on or 0/false/no/off)
 hypothesis_examples  NPFLUX_HYPOTHESIS_EXAMPLES  int >= 1  25
     examples per Hypothesis property in the test suite (tests/conftest.py)
-bench_reexec         NPFLUX_BENCH_REEXEC         flag      False
-    internal: marks the process ``npflux bench`` re-executed with its
-    thread variables set
 
 ``get("num_threads")`` reads a setting: the innermost ``override`` in force,
 else the environment, else the default. (For the threads,
@@ -115,7 +112,6 @@ SETTINGS = {s.name: s for s in (
     Setting("data_dir", "NPFLUX_DATA_DIR", _path, None),
     Setting("debug", "NPFLUX_DEBUG", _flag, False),
     Setting("hypothesis_examples", "NPFLUX_HYPOTHESIS_EXAMPLES", _positive_int, 25),
-    Setting("bench_reexec", "NPFLUX_BENCH_REEXEC", _flag, False),
 )}
 
 

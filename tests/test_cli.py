@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,29 @@ def test_train_init_option_reaches_the_model(trained, tmp_path):
         main(["train", "--data", str(data), "--out-dir", str(tmp_path / "o"), "--init", "normal", *TINY])
     model, _, _ = model_from_checkpoint(tmp_path / "o" / "ckpt")
     assert model.config.init == "normal"
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmarks_are(monkeypatch, tmp_path, capsys):
+    """The benchmark code is not in the installed package: `npflux bench` says so, in one line."""
+    from npflux.cli import bench
+
+    monkeypatch.setattr(bench, "REPO_BENCHMARKS", tmp_path / "benchmarks")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--no-torch"])
+    assert "not installed with the package" in str(exc.value.code)
+    assert "benchmarks/bench_train_step.py" in str(exc.value.code)
+
+
+def test_bench_runs_the_repository_harness(monkeypatch, tmp_path):
+    """From a checkout, `npflux bench` runs benchmarks/bench_train_step.py in a subprocess with its flags."""
+    from npflux.cli import bench
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--no-torch", "--threads", "2", "--reps", "3", "--json", str(tmp_path / "r.json")])
+    assert exc.value.code == 0
+    cmd = calls[0]
+    assert cmd[1].endswith("benchmarks/bench_train_step.py") and Path(cmd[1]).is_file()
+    assert cmd[cmd.index("--threads") + 1] == "2" and cmd[cmd.index("--steps") + 1] == "3"
+    assert "--no-torch" in cmd and cmd[cmd.index("--out") + 1] == str(tmp_path / "r.json")

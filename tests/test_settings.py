@@ -46,7 +46,7 @@ def needs_blas():
 def test_defaults(clean_env):
     assert {name: settings.get(name) for name in settings.SETTINGS} == {
         "backend": "numpy", "num_threads": None, "data_dir": None, "debug": False,
-        "hypothesis_examples": 25, "bench_reexec": False}
+        "hypothesis_examples": 25}
 
 
 def test_the_docstring_table_lists_every_setting():
@@ -64,7 +64,6 @@ def test_every_npflux_variable_in_the_package_is_in_the_table():
 
 def test_only_settings_reads_npflux_variables():
     """os.environ / os.getenv with an NPFLUX_ name appear only in settings.py."""
-    # reads only: `npflux bench` writes NPFLUX_BENCH_REEXEC into the environment of the process it restarts
     read = re.compile(r"(environ\.get|environ\[|getenv).*NPFLUX_|NPFLUX_\w*[\"']\s*(not\s+)?in\s+os\.environ")
     readers = {str(f.relative_to(PKG)) for f in PKG.rglob("*.py")
                if f.name != "settings.py" and any(read.search(line) for line in f.read_text().splitlines())}
@@ -125,7 +124,7 @@ def test_omp_num_threads_is_the_fallback_and_ignored_when_unreadable(clean_env):
 @pytest.mark.parametrize("var,text", [
     ("NPFLUX_NUM_THREADS", "abc"), ("NPFLUX_NUM_THREADS", "0"), ("NPFLUX_NUM_THREADS", "-2"),
     ("NPFLUX_NUM_THREADS", "2.5"), ("NPFLUX_BACKEND", "tensorflow"), ("NPFLUX_DEBUG", "maybe"),
-    ("NPFLUX_HYPOTHESIS_EXAMPLES", "lots"), ("NPFLUX_BENCH_REEXEC", "2"),
+    ("NPFLUX_HYPOTHESIS_EXAMPLES", "lots"),
 ])
 def test_a_bad_value_is_a_one_line_error_naming_the_variable(clean_env, var, text):
     clean_env.setenv("OMP_NUM_THREADS", "2")  # no silent fallback to it either

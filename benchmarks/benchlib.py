@@ -1,4 +1,7 @@
-"""Benchmarks: npflux and PyTorch timed side by side in ONE process.
+"""The older benchmarks' library: npflux and PyTorch timed side by side in ONE process.
+
+(The side-by-side training-step timings moved to ``harness.py``, one process per
+candidate; the scripts still on this module are listed in README.md.)
 
 The method, shared by ``npflux bench`` and the scripts in ``benchmarks/``:
 
@@ -41,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, ops, optim
-from .backend import scatter_add_rows
-from .models import GPT, GPTConfig
+from npflux import backend, ops, optim
+from npflux.backend import scatter_add_rows
+from npflux.models import GPT, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -736,7 +739,7 @@ def bench_memory(presets=("shakespeare-s1", "shakespeare-s2", "shakespeare-n"), 
     for preset in presets:
         row = {"preset": preset, "B": TRAIN_SHAPES[preset][0], "T": TRAIN_SHAPES[preset][1]}
         for fw in frameworks:
-            cmd = [sys.executable, "-m", "npflux.bench", "--memory-child", fw, preset, str(steps), str(threads or 0)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", fw, preset, str(steps), str(threads or 0)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT))
             if out.returncode != 0:
                 raise RuntimeError(f"memory child {fw} {preset} failed:\n{out.stderr[-2000:]}")
