@@ -1,0 +1,106 @@
+"""The one training step, and what every training workflow shares around it.
+
+A training step, whatever the model (GPT, encoder-decoder, LoRA adapters, a
+sparse autoencoder)::
+
+    zero_grad
+    for each of n micro-batches:  loss = forward(batch);  backward(scale 1/n)
+    clip the gradients' global norm (if asked)
+    optimizer step
+
+``train_step`` is that, written once; the workflows (``npflux.train`` for a
+GPT, ``npflux.train_seq2seq``, ``npflux.finetune`` for LoRA, ``npflux.interp``
+for SAEs) are short loops over it that only choose their batches, what to
+evaluate and what to save. Also here, each written once: ``evaluating(model)``
+(eval mode for a block, restored even on an error), ``progress`` (the tqdm bar
+every long command shows), and ``windows_loss`` (the loss of a model over a
+token array cut into windows: the one evaluator of a text).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import numpy as np
+
+from .. import optim
+
+
+def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, loss=None, backward=None):
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns (mean loss, grad norm).
+
+    ``loss(batch)`` runs the forward pass and returns the loss (default:
+    ``model.forward(*batch)[1]``, as GPT and Seq2SeqTransformer give
+    (logits, loss)); ``backward(scale)`` runs the backward pass with the loss
+    multiplied by ``scale`` (default ``model.backward(loss_scale=scale)``).
+    Each micro-batch's gradient is scaled by 1/n, so n micro-batches of b
+    rows give the gradient of one batch of n*b rows. ``grads`` are the
+    gradients the optimizer steps with (default ``model.grads``; LoRA passes
+    only the adapters'). The norm is None when ``grad_clip`` is 0 (no clipping).
+    """
+    micro_batches = list(micro_batches)
+    if not micro_batches:
+        raise ValueError("train_step: no micro-batches")
+    loss = loss if loss is not None else (lambda batch: model.forward(*batch)[1])
+    backward = backward if backward is not None else (lambda scale: model.backward(loss_scale=scale))
+    grads = grads if grads is not None else model.grads
+    model.zero_grad()
+    total, scale = 0.0, 1.0 / len(micro_batches)
+    for batch in micro_batches:
+        total += float(loss(batch))
+        backward(scale)
+    norm = optim.clip_grad_norm(grads, grad_clip) if grad_clip > 0 else None
+    optimizer.step(grads)
+    return total * scale, norm
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """``with evaluating(model):`` runs the block in eval mode (no dropout) and restores the mode after,
+    also when the block raises; the forward caches kept for a backward are dropped at the end."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if hasattr(model, "loss_cache"):
+            model.loss_cache = None
+        model.train(was_training)
+
+
+def progress(total=None, *, enabled=True, initial=0, unit="step", desc=None, leave=True):
+    """A tqdm progress bar on stderr, or None when ``enabled`` is false (tqdm loads only when used)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+
+def windows_loss(model, ids, batch_size=16, progress_label=None):
+    """Mean loss over ``ids`` cut into windows of block_size + 1 tokens, each predicting its last block_size,
+    so every token after the first is predicted once (a remainder shorter than a window is left out).
+
+    ``progress_label``: show a bar over the batches with this label.
+    """
+    T = model.config.block_size
+    if len(ids) < 2:
+        raise ValueError("windows_loss: need at least two tokens")
+    T = min(T, len(ids) - 1)
+    n = (len(ids) - 1) // T
+    windows = np.stack([ids[i * T: i * T + T + 1] for i in range(n)])
+    starts = range(0, n, batch_size)
+    bar = progress(len(starts), enabled=bool(progress_label), unit="batch", desc=str(progress_label), leave=False)
+    total = 0.0
+    with evaluating(model):
+        for start in starts:
+            batch = windows[start: start + batch_size]
+            _, loss = model.forward(batch[:, :-1], batch[:, 1:])
+            total += float(loss) * batch.shape[0]
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return total / n
+
