@@ -291,6 +291,42 @@ def copy_npflux_weights(model: TorchGPT, npflux_model):
     return model
 
 
+_NPFLUX_NAMES = [  # torch name (modern style) -> npflux name
+    (r"^token_embedding_table\.", "transformer.wte."),
+    (r"^position_embedding_table\.", "transformer.wpe."),
+    (r"^blocks\.(\d+)\.mlp\.net\.0\.", r"transformer.h.\1.mlp.c_fc."),
+    (r"^blocks\.(\d+)\.mlp\.net\.2\.", r"transformer.h.\1.mlp.c_proj."),
+    (r"^blocks\.(\d+)\.", r"transformer.h.\1."),
+    (r"^ln_f\.", "transformer.ln_f."),
+]
+
+
+def npflux_named_parameters(model: TorchGPT):
+    """npflux parameter name -> torch Parameter, for a modern-style model (the tied lm_head appears once, as wte).
+
+    Linear weights are each other's transpose (``is_linear_weight``). This is what the tests compare
+    npflux's gradients with, parameter by parameter.
+    """
+    import re
+
+    if model.style != "modern":
+        raise ValueError("npflux_named_parameters: the published style splits c_attn into per-head layers")
+    out = {}
+    for name, param in model.named_parameters():
+        for pattern, repl in _NPFLUX_NAMES:
+            new = re.sub(pattern, repl, name)
+            if new != name:
+                name = new
+                break
+        out[name] = param
+    return out
+
+
+def is_linear_weight(npflux_name):
+    """True for the weights stored (in, out) by npflux and (out, in) by torch."""
+    return npflux_name.endswith(".weight") and (".attn." in npflux_name or ".mlp." in npflux_name)
+
+
 def check_same_logits(cfg, seed=0, B=2, T=None, atol=1e-4):
     """Build npflux and both torch styles with the same weights; max |logit difference| per style."""
     import npflux

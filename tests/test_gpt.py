@@ -7,6 +7,9 @@ Every comparison is norm-wise relative error (``rel``), in float64 unless
 said otherwise. Parameters are randomised before each comparison: the
 initial zero biases and unit LayerNorm gains would hide bugs.
 """
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -64,61 +67,19 @@ def batch(seed=0, B=3, n=T):
 # ---------------------------------------------------------------------------
 # the PyTorch reference
 # ---------------------------------------------------------------------------
-class TorchBlock(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.n_head, self.act = c.n_head, c.activation
-        self.ln_1 = torch.nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
-        self.attn = torch.nn.Module()
-        self.attn.c_attn = torch.nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.qkv_bias)
-        self.attn.c_proj = torch.nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
-        self.ln_2 = torch.nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
-        self.mlp = torch.nn.Module()
-        self.mlp.c_fc = torch.nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
-        self.mlp.c_proj = torch.nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
-
-    def forward(self, x):
-        B, T_, C_ = x.shape
-        q, k, v = self.attn.c_attn(self.ln_1(x)).split(C_, dim=2)
-        q, k, v = (a.view(B, T_, self.n_head, C_ // self.n_head).transpose(1, 2) for a in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn.c_proj(y.transpose(1, 2).reshape(B, T_, C_))
-        h = self.mlp.c_fc(self.ln_2(x))
-        h = F.gelu(h, approximate="tanh") if self.act == "gelu" else F.relu(h)
-        return x + self.mlp.c_proj(h)
-
-
-class TorchGPT(torch.nn.Module):
-    """Named exactly as npflux's parameters (torch's Linear weights are the transpose)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.transformer = torch.nn.Module()
-        self.transformer.wte = torch.nn.Embedding(c.vocab_size, c.n_embd)
-        self.transformer.wpe = torch.nn.Embedding(c.block_size, c.n_embd)
-        self.transformer.h = torch.nn.ModuleList([TorchBlock(c) for _ in range(c.n_layer)])
-        self.transformer.ln_f = torch.nn.LayerNorm(c.n_embd, eps=c.layer_norm_eps)
-        self.lm_head = torch.nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
-        if c.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
-
-    def forward(self, idx, targets=None):
-        t = self.transformer
-        x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1]))
-        for block in t.h:
-            x = block(x)
-        logits = self.lm_head(t.ln_f(x))
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+# The one PyTorch reference GPT, shared with the benchmarks: benchmarks/torch_models.py's
+# modern style (fused q/k/v, scaled_dot_product_attention), with npflux's weights copied in.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import torch_models  # noqa: E402
 
 
 def _is_linear_weight(name):
-    return name.endswith(".weight") and (".attn." in name or ".mlp." in name)
+    return torch_models.is_linear_weight(name)
 
 
 def torch_params(tmodel):
     """npflux name -> torch Parameter (the tied lm_head appears once, as wte)."""
-    return dict(tmodel.named_parameters())
+    return torch_models.npflux_named_parameters(tmodel)
 
 
 def to_torch(v, name):
@@ -132,12 +93,8 @@ def from_torch(t, name):
 
 
 def torch_reference(model, dtype=torch.float64):
-    tmodel = TorchGPT(model.config).to(dtype)
-    tp = torch_params(tmodel)
-    assert set(tp) == set(model.params), set(tp) ^ set(model.params)
-    with torch.no_grad():
-        for name, p in model.params.items():
-            tp[name].copy_(to_torch(p, name).to(dtype))
+    tmodel = torch_models.build(model.config, "modern", model, dtype=dtype)
+    assert set(torch_params(tmodel)) == set(model.params), set(torch_params(tmodel)) ^ set(model.params)
     return tmodel
 
 
