@@ -100,20 +100,15 @@ def _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, u
     finished = xp.zeros(idx.shape[0], dtype=bool)
     caches, fed = None, 0  # fed: how many tokens of idx the caches hold
     for _ in range(max_new_tokens):
-        with lock:
-            was_training = model.training
-            model.eval()
-            try:
-                if not use_cache:
-                    logits, _ = model.forward(idx[:, -block:])
-                elif caches is None or idx.shape[1] > block:
-                    # (re)start: prefill with the last `block` tokens
-                    caches = model.new_kv_caches(idx.shape[0])
-                    logits, _ = model.forward(idx[:, -block:], kv_caches=caches)
-                else:
-                    logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
-            finally:
-                model.train(was_training)
+        with lock, model.evaluating():
+            if not use_cache:
+                logits, _ = model.forward(idx[:, -block:])
+            elif caches is None or idx.shape[1] > block:
+                # (re)start: prefill with the last `block` tokens
+                caches = model.new_kv_caches(idx.shape[0])
+                logits, _ = model.forward(idx[:, -block:], kv_caches=caches)
+            else:
+                logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
         fed = idx.shape[1]
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng).astype(idx.dtype)
         idx = xp.concatenate([idx, nxt[:, None]], axis=1)
@@ -247,9 +242,7 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
     logps = np.zeros(1)                          # and their log-probabilities
     finished = []                                # (score, tokens) of beams that emitted eos_id
     caches = None
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         for step in range(max_new_tokens):
             logits, caches = _next_logits(model, prompt, tokens, caches, use_cache)
             cand = (logps[:, None] + _host_log_softmax(logits)).ravel()
@@ -282,8 +275,6 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
                 if finished[-1][0] >= score(logps.max(), n_best):
                     tokens, logps = tokens[:0], logps[:0]
                     break
-    finally:
-        model.train(was_training)
     pool = finished + [(score(lp, tokens.shape[1]), t) for lp, t in zip(logps.tolist(), tokens)]
     pool.sort(key=lambda f: -f[0])  # stable: earlier (finished, higher-ranked) hypotheses win ties
     pool = pool[:k]
@@ -301,15 +292,11 @@ def sequence_logprob(model, idx, continuation):
     prompt, cont = prompt.astype(np.int64), cont.astype(np.int64)
     seq = np.concatenate([prompt, cont])
     block = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         total = 0.0
         for i in range(len(prompt), len(seq)):  # one forward per token: clear, and this is for checking
             logp = _host_log_softmax(model.forward(seq[None, max(0, i - block) : i])[0][:, -1, :])[0]
             total += logp[seq[i]]
-    finally:
-        model.train(was_training)
     return float(total)
 
 

@@ -295,12 +295,8 @@ class ModelEncoder:
 
     def _hidden(self, ids):
         with self.lock:
-            was_training = self.model.training
-            self.model.eval()
-            try:
+            with self.model.evaluating():
                 return to_numpy(final_hidden_states(self.model, ids))
-            finally:
-                self.model.train(was_training)
 
 
 def _unit_rows(x):

@@ -98,13 +98,9 @@ def gpt_attention(model, tokenizer, prompt: str) -> dict:
         raise ValueError("the prompt is empty")
     if len(ids) > model.config.block_size:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model sees at most {model.config.block_size}")
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         model.forward(model.backend.asarray(np.array([ids], dtype=np.int64)))
         weights = np.stack([to_numpy(block.attn.weights[0]) for block in model.transformer.h.items])
-    finally:
-        model.train(was_training)
     tokens = _pieces(tokenizer, ids)
     return {"weights": weights, "queries": tokens, "keys": tokens, "kind": "self"}
 
@@ -138,9 +134,7 @@ def seq2seq_attention(model, tokenizer, source: str, target: str | None = None, 
     # position ended without EOS (decoding stopped at the limit), so its last token is not fed back
     inputs = [c.bos_id, *out][: c.tgt_block_size]
     predicted = _pieces(tokenizer, out) + (["<eos>"] if len(out) < c.tgt_block_size else [])
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         model.forward(src_ids, np.array([inputs], dtype=np.int64))
         if kind == "cross":
             layers = [layer.cross_attn for layer in model.transformer.decoder.layers.items]
@@ -149,8 +143,6 @@ def seq2seq_attention(model, tokenizer, source: str, target: str | None = None, 
         else:
             layers = [layer.attn for layer in model.transformer.encoder.layers.items]
         weights = np.stack([to_numpy(attn.weights[0]) for attn in layers])
-    finally:
-        model.train(was_training)
     source_tokens = _pieces(tokenizer, src)
     decoder_inputs = ["<bos>"] + _pieces(tokenizer, inputs[1:])
     queries, keys = {"cross": (predicted, source_tokens), "encoder": (source_tokens, source_tokens),

@@ -278,9 +278,7 @@ class Seq2SeqTransformer(Module):
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         c, xp = self.config, self.xp
         max_len = self._max_len(max_len)
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             memory, src_mask = self.encode(src, src_mask)
             B, K = memory.shape[0], beam_size
             rows = xp.repeat(xp.arange(B), K)
@@ -322,8 +320,6 @@ class Seq2SeqTransformer(Module):
             winner = xp.arange(B) * K + xp.argmax(normalised, axis=-1)
             out = to_numpy(history[winner])
             best_scores = to_numpy(normalised.reshape(-1)[winner])
-        finally:
-            self.train(was_training)
         result = []
         for row in out.tolist():
             ids = []

@@ -12,6 +12,8 @@ Convention: ``forward`` keeps what ``backward`` needs on ``self``;
 ``backward(dout)`` returns the gradient of the input and ADDS into the
 gradients, so calling forward/backward on several micro-batches accumulates.
 """
+import contextlib
+
 from ..backend import get_array_module, get_backend, resolve_dtype
 
 
@@ -133,6 +135,17 @@ class Module:
 
     def eval(self):
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """``with model.evaluating():`` runs the block in eval mode (no dropout) and puts the previous
+        mode back after it, also when the block raises."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     # -- state dicts ----------------------------------------------------------
     def state_dict(self):

@@ -57,16 +57,14 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
 
 @contextlib.contextmanager
 def evaluating(model):
-    """``with evaluating(model):`` runs the block in eval mode (no dropout) and restores the mode after,
-    also when the block raises; the forward caches kept for a backward are dropped at the end."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        if hasattr(model, "loss_cache"):
-            model.loss_cache = None
-        model.train(was_training)
+    """``with evaluating(model):`` is ``model.evaluating()`` (eval mode for the block, the previous mode
+    back after, also on an error) that also drops the loss cache an evaluation forward left behind."""
+    with model.evaluating():
+        try:
+            yield model
+        finally:
+            if hasattr(model, "loss_cache"):
+                model.loss_cache = None
 
 
 def progress(total=None, *, enabled=True, initial=0, unit="step", desc=None, leave=True):
