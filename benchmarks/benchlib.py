@@ -47,6 +47,7 @@ import numpy as np
 from npflux import backend, ops, optim
 from npflux.backend import scatter_add_rows
 from npflux.models import GPT, GPTConfig
+from npflux.training import train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -122,13 +123,9 @@ def load_torch(threads=None):
 
 
 def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from harness import cpu_model
+
+    return cpu_model()
 
 
 def _blas_info():
@@ -271,10 +268,7 @@ def npflux_step_fns(cfg, B, T, seed=0, lr=1e-3):
 
     def step():
         model.train()
-        model.zero_grad()
-        model.forward(x, y)
-        model.backward()
-        opt.step(model.grads)
+        train_step(model, opt, [(x, y)])  # the library's training step
 
     def forward():
         model.eval()

@@ -44,6 +44,7 @@ def _npflux_step(cfg, B, T, device, dtype, seed=0):
     import numpy as np
     from npflux import optim
     from npflux.models import GPT
+    from npflux.training import train_step
 
     backend = "cupy" if device == "cuda" else "numpy"
     model = GPT(cfg, seed=seed, backend=backend, dtype=dtype)
@@ -61,11 +62,7 @@ def _npflux_step(cfg, B, T, device, dtype, seed=0):
             pass
 
     def step():
-        model.train()
-        model.zero_grad()
-        model.forward(x, y)
-        model.backward()
-        opt.step(model.grads)
+        train_step(model, opt, [(x, y)])  # the library's training step: zero_grad, forward, backward, AdamW
         sync()
 
     return step
