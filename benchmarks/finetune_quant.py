@@ -29,6 +29,7 @@ from npflux.finetune import (
     FinetuneConfig, checkpoint_doc_sep, encode_for, finetune, model_size, quantize_model, split_text, windows_loss,
 )
 from npflux.train import model_from_checkpoint
+from npflux.training import train_step
 
 
 def eval_seconds(model, ids, reps):
@@ -89,10 +90,7 @@ def step_seconds(ckpt, mode, ids, args, reps):
     for _ in range(reps + 1):  # the first is a warm-up
         x, y = get_batch(ids, 16, model.config.block_size, rng)
         t0 = time.perf_counter()
-        model.zero_grad()
-        model.forward(x, y)
-        model.backward()
-        opt.step(grads)
+        train_step(model, opt, [(x, y)], grads=grads)  # the library's step
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

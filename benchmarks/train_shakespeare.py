@@ -39,10 +39,10 @@ import time
 import numpy as np
 
 import benchlib as bench
-from npflux import optim
 from npflux.data import find_corpus, get_batch, load_text, prepare_char_dataset
 from npflux.models import GPT, GPTConfig
 from npflux.train import TrainConfig, estimate_loss, make_optimizer
+from npflux.training import train_step
 
 RECIPES = {
     "published": dict(learning_rate=1e-3, lr_schedule="constant", weight_decay=0.01, decay_matrices_only=False,
@@ -106,13 +106,7 @@ def train_npflux(mcfg, tcfg, train_ids, val_ids, args, log):
             model.train()
         t0 = time.perf_counter()
         opt.lr = tcfg.lr_at(step)
-        model.zero_grad()
-        x, y = get_batch(train_ids, B, T, rng)
-        model.forward(x, y)
-        model.backward()
-        if tcfg.grad_clip > 0:
-            optim.clip_grad_norm(model.grads, tcfg.grad_clip)
-        opt.step(model.grads)
+        train_step(model, opt, [get_batch(train_ids, B, T, rng)], grad_clip=tcfg.grad_clip)  # the library's step
         train_time += time.perf_counter() - t0
     final = _eval_np(model, train_ids, val_ids, args, tcfg.max_iters, args.eval_iters, None)
     return {"train_loss": final["train_loss"], "val_loss": final["val_loss"], "train_time_s": train_time,
