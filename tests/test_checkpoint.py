@@ -229,3 +229,58 @@ def test_checkpoint_moves_between_backends_bit_for_bit(tmp_path, save_on, load_o
             got = to_numpy(loaded.params[k])
             assert got.dtype == np.dtype(dtype)
             assert np.array_equal(bits(got), bits(to_numpy(v))), k
+
+
+# ---------------------------------------------------------------------------
+# the atomic directory writer (checkpoints and retrieval indexes)
+# ---------------------------------------------------------------------------
+
+
+def test_crash_between_renames_recovers_from_the_hidden_sibling(tmp_path):
+    d = ckpt.save_checkpoint(tmp_path / "ckpt", model_state(np.float32), {"v": 1}, step=7)
+    d.rename(tmp_path / ".ckpt.0123abcd.old")  # what the writer's first rename leaves today
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert ckpt.load_checkpoint(d).step == 7
+    ckpt.save_checkpoint(d, model_state(np.float32), {"v": 2}, step=8)
+    assert ckpt.load_checkpoint(d).step == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_hidden_debris_is_removed_and_neighbours_are_left_alone(tmp_path):
+    d = ckpt.save_checkpoint(tmp_path / "ckpt", model_state(np.float32), {"v": 1}, step=1)
+    (tmp_path / ".ckpt.deadbeef.tmp").mkdir()  # a save killed while writing
+    (tmp_path / ".ckpt.deadbeef.tmp" / "model.safetensors").write_bytes(b"half a file")
+    for name in ("ckpt.tmp", "ckpt.old", ".ckpt.notmine.tmp"):  # someone else's directories
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "precious.txt").write_text("keep me")
+    ckpt.save_checkpoint(d, model_state(np.float32), {"v": 2}, step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.notmine.tmp", "ckpt", "ckpt.old", "ckpt.tmp"]
+    assert ckpt.load_checkpoint(d).step == 2
+
+
+def test_atomic_directory_keeps_the_old_version_when_writing_fails(tmp_path):
+    from npflux.checkpoint.atomic import atomic_directory
+
+    index = tmp_path / "index"
+    with atomic_directory(index, "index.json") as tmp:
+        (tmp / "index.json").write_text("{}")
+        (tmp / "arrays.safetensors").write_bytes(b"v1")
+    with pytest.raises(OSError, match="simulated"):
+        with atomic_directory(index, "index.json") as tmp:
+            (tmp / "arrays.safetensors").write_bytes(b"v2")
+            raise OSError("disk full (simulated)")
+    assert (index / "arrays.safetensors").read_bytes() == b"v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing"):
+        with atomic_directory(mine, "index.json"):
+            pass
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_meta_json_says_the_kind(tmp_path):
+    d = ckpt.save_checkpoint(tmp_path / "c", model_state(np.float32), {"model": {}}, kind="gpt")
+    assert json.loads((d / "meta.json").read_text())["kind"] == "gpt"
+    assert ckpt.load_checkpoint(d).kind == "gpt"

@@ -1,10 +1,19 @@
 """Checkpoints: safetensors for arrays, JSON for everything else, never pickle.
 
+Where things are::
+
+    npflux/checkpoint/__init__.py   the container (this module): save_checkpoint / load_checkpoint
+    npflux/checkpoint/atomic.py     the atomic directory writer (checkpoints and retrieval indexes)
+    npflux/checkpoint/kinds.py      what a checkpoint holds: the registry of kinds (gpt, gpt-int8,
+                                    gpt-lora, seq2seq, sae), each one's save and load, load_model(path)
+
+    model, tokenizer, ckpt = npflux.checkpoint.load_model("out/ckpt")   # a checkpoint of any kind
+
 A checkpoint is a directory::
 
     model.safetensors       the model's state dict (exact bits, any dtype)
     optimizer.safetensors   the optimizer's moment/momentum arrays (when saved)
-    meta.json               format version, step, model config, tokenizer,
+    meta.json               format version, kind, step, model config, tokenizer,
                             optimizer scalars (lr, betas, step...), RNG state,
                             anything extra, and the SHA-256 of each file above
 
@@ -12,22 +21,24 @@ Neither format can run code when loaded (unlike ``torch.save`` / pickle), and
 the hashes catch a truncated or damaged file with a clear message instead of
 a confusing failure deep inside training.
 
-Saving is atomic from the reader's side: everything is written and fsynced
-into the sibling directory ``<name>.tmp``, then swapped in by renames. A crash
-while writing leaves the previous checkpoint untouched. POSIX cannot rename a
-directory over a non-empty one, so the swap is two renames (old ->
-``<name>.old``, new -> ``<name>``); if a crash falls exactly between them,
-``load_checkpoint`` finds the previous checkpoint in ``<name>.old`` and the
-next ``save_checkpoint`` puts it back first. One process saves to a given
-directory at a time.
+``kind`` says which model the checkpoint holds (``kinds.KINDS``).
+Checkpoints written before it existed have none; their kind is inferred from
+their config, by the rules the loaders of that time used. Adding the field
+did not change the format version: older npflux reads these checkpoints too.
+
+Saving is atomic from the reader's side (``atomic.atomic_directory``):
+everything is written and fsynced into a hidden sibling, then swapped in by
+renames. A crash while writing leaves the previous checkpoint untouched; a
+crash between the swap's two renames leaves it in a hidden ``.old`` sibling,
+which ``load_checkpoint`` reads (with a warning) and the next
+``save_checkpoint`` puts back first. One process saves to a given directory
+at a time.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +46,15 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from .backend import get_backend, to_numpy
+from ..backend import get_backend, to_numpy
+from .atomic import atomic_directory, fsync_dir, fsync_file, previous_version
 
 FORMAT = "npflux-checkpoint"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
+FILES = (MODEL_FILE, OPTIMIZER_FILE, META_FILE)
 
 
 class CheckpointError(ValueError):
@@ -64,6 +77,7 @@ class Checkpoint:
     rng_state: dict | None = None
     extra: dict | None = None
     format_version: int = FORMAT_VERSION
+    kind: str | None = None  # meta.json's "kind", or inferred from the config for older checkpoints
 
 
 # ---------------------------------------------------------------------------
@@ -146,36 +160,17 @@ def sha256_file(path) -> str:
 
 
 _sha256 = sha256_file
-
-
-def _fsync_file(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    """Make a rename or a new file in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_file, _fsync_dir = fsync_file, fsync_dir  # (their home is atomic.py)
 
 
 def _write_safetensors(path: Path, arrays: dict) -> str:
-    """Write arrays to ``path`` (host, C-contiguous), fsync, return the file's SHA-256."""
+    """Write arrays to ``path`` (host, C-contiguous), return the file's SHA-256 (the writer fsyncs it)."""
     host = {}
     for name, a in arrays.items():
         if not (hasattr(a, "shape") and hasattr(a, "dtype")):
             raise TypeError(f"state entry {name!r} is a {type(a).__name__}, not an array")
         host[name] = np.ascontiguousarray(to_numpy(a))
     safetensors.numpy.save_file(host, str(path), metadata={"format": "np"})
-    _fsync_file(path)
     return _sha256(path)
 
 
@@ -183,20 +178,6 @@ def _write_json(path: Path, obj: dict):
     text = json.dumps(obj, indent=2, default=_to_jsonable)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _siblings(directory: Path):
-    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-
-
-def _recover(directory: Path):
-    """Undo a crash between the two renames of a swap: put ``<name>.old`` back."""
-    _, old = _siblings(directory)
-    if not directory.exists() and (old / META_FILE).is_file():
-        os.replace(old, directory)
-        _fsync_dir(directory.parent)
 
 
 # ---------------------------------------------------------------------------
@@ -204,8 +185,8 @@ def _recover(directory: Path):
 # ---------------------------------------------------------------------------
 
 
-def _write_all(tmp: Path, model_state, config, tokenizer, optimizer_state, step, rng_state, extra):
-    """Write every file of a checkpoint into ``tmp`` and make it durable."""
+def _write_all(tmp: Path, model_state, config, tokenizer, optimizer_state, step, rng_state, extra, kind):
+    """Write every file of a checkpoint into ``tmp`` (meta.json last: it names the others' hashes)."""
     files = {MODEL_FILE: {"sha256": _write_safetensors(tmp / MODEL_FILE, model_state)}}
     optimizer_scalars = None
     if optimizer_state is not None:
@@ -217,6 +198,7 @@ def _write_all(tmp: Path, model_state, config, tokenizer, optimizer_state, step,
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "kind": kind,
         "step": int(step),
         "config": config,
         "tokenizer": tokenizer,
@@ -226,11 +208,11 @@ def _write_all(tmp: Path, model_state, config, tokenizer, optimizer_state, step,
         "files": files,
     }
     _write_json(tmp / META_FILE, meta)
-    _fsync_dir(tmp)
 
 
 def save_checkpoint(directory, model_state: dict, config, tokenizer=None, optimizer_state: dict | None = None,
-                    step: int = 0, rng_state: dict | None = None, extra: dict | None = None) -> Path:
+                    step: int = 0, rng_state: dict | None = None, extra: dict | None = None,
+                    kind: str | None = None) -> Path:
     """Write a checkpoint to ``directory``, replacing any previous one atomically.
 
     ``model_state`` maps names to arrays (NumPy or CuPy; copied to the host).
@@ -239,37 +221,27 @@ def save_checkpoint(directory, model_state: dict, config, tokenizer=None, optimi
     optimizer's ``state_dict()``: its arrays go to ``optimizer.safetensors``,
     its scalars to ``meta.json``. ``rng_state`` is a JSON-able dict (see
     ``rng_state_to_json``). ``extra`` is any JSON-able dict (losses, args...).
+    ``kind`` names what the checkpoint holds (a key of ``kinds.KINDS``); when
+    not given it is inferred from ``config`` as for an old checkpoint, and
+    stays null when nothing matches (a checkpoint of no model kind).
     Returns the checkpoint directory.
     """
+    from .kinds import KINDS, infer_kind
+
+    if kind is None:
+        kind = infer_kind(config) if isinstance(config, dict) else None
+    elif kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
         # The swap would move the whole directory away; never do that to a directory
         # that holds something other than a checkpoint.
         raise CheckpointError(f"{directory} exists, is not empty and is not an npflux checkpoint; "
                               f"refusing to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
-    tmp, old = _siblings(directory)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an earlier interrupted save
-    tmp.mkdir()
-    try:
-        _write_all(tmp, model_state, config, tokenizer, optimizer_state, step, rng_state, extra)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed process leaves it; the next save removes it
-        raise
-
-    # The swap. Until the first rename, `directory` is the old checkpoint, whole.
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory")
+    with atomic_directory(directory, META_FILE, FILES) as tmp:
+        _write_all(tmp, model_state, config, tokenizer, optimizer_state, step, rng_state, extra, kind)
     return directory
 
 
@@ -287,23 +259,21 @@ def _read_safetensors(directory: Path, name: str, expected_sha: str | None) -> d
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def load_checkpoint(directory) -> Checkpoint:
-    """Read a checkpoint written by ``save_checkpoint``, checking every file's hash.
+def read_meta(directory) -> tuple[Path, dict]:
+    """(the directory that holds the checkpoint, its meta.json as a dict), checked but no arrays read.
 
-    Raises CheckpointNotFound when there is no checkpoint at ``directory``,
-    and CheckpointError for a missing or damaged file or an unknown format
-    version. Arrays come back as host NumPy arrays with the dtypes they were
-    saved in.
+    The directory is ``directory`` itself, or the previous checkpoint a crash
+    left in a hidden sibling (with a warning). Cheap: what ``kinds.kind_at``
+    reads to say what a checkpoint is before loading it.
     """
     directory = Path(directory)
     if not directory.is_dir():
-        _, old = _siblings(directory)
-        if (old / META_FILE).is_file():
-            warnings.warn(f"{directory} is missing but {old} holds the previous checkpoint "
-                          f"(a save was interrupted); loading that one")
-            directory = old
-        else:
+        previous = previous_version(directory, META_FILE, FILES)
+        if previous is None:
             raise CheckpointNotFound(f"no checkpoint directory at {directory}")
+        warnings.warn(f"{directory} is missing but {previous} holds the previous checkpoint "
+                      f"(a save was interrupted); loading that one")
+        directory = previous
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no {META_FILE}")
@@ -317,6 +287,22 @@ def load_checkpoint(directory) -> Checkpoint:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {directory} has format version {version!r}; "
                               f"this npflux reads version {FORMAT_VERSION}")
+    return directory, meta
+
+
+def load_checkpoint(directory) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``, checking every file's hash.
+
+    Raises CheckpointNotFound when there is no checkpoint at ``directory``,
+    and CheckpointError for a missing or damaged file or an unknown format
+    version. Arrays come back as host NumPy arrays with the dtypes they were
+    saved in. ``kind`` is meta.json's, or inferred from the config when the
+    checkpoint predates the field.
+    """
+    from .kinds import infer_kind
+
+    directory, meta = read_meta(directory)
+    meta_path = directory / META_FILE
     files = meta.get("files", {})
     if MODEL_FILE not in files:
         raise CheckpointError(f"{meta_path} lists no {MODEL_FILE}")
@@ -327,13 +313,22 @@ def load_checkpoint(directory) -> Checkpoint:
             raise CheckpointError(f"{meta_path} has optimizer scalars but lists no {OPTIMIZER_FILE}")
         arrays = _read_safetensors(directory, OPTIMIZER_FILE, files[OPTIMIZER_FILE].get("sha256"))
         optimizer_state = {**meta["optimizer"], **arrays}
+    config = meta.get("config")
     return Checkpoint(
         model_state=model_state,
-        config=meta.get("config"),
+        config=config,
         tokenizer=meta.get("tokenizer"),
         optimizer_state=optimizer_state,
         step=int(meta.get("step", 0)),
         rng_state=meta.get("rng_state"),
         extra=meta.get("extra"),
-        format_version=version,
+        format_version=meta["format_version"],
+        kind=meta.get("kind") or infer_kind(config),
     )
+
+
+# The registry of kinds sits on the container (it imports the names above).
+from .kinds import (  # noqa: E402
+    GPT_KINDS, KINDS, Kind, WrongKind, infer_kind, kind_at, load_adapter, load_model, load_sae, load_seq2seq,
+    model_from, save_adapter, save_gpt, save_quantized, save_sae, save_seq2seq,
+)
