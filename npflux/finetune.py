@@ -1,33 +1,29 @@
-"""Compression and adaptation of a trained GPT: int8 checkpoints, LoRA fine-tuning, adapter files.
+"""Compression and adaptation of a trained GPT: int8 models, LoRA fine-tuning.
 
     quantize_model(model)            block linears -> QuantizedLinear (int8 + float32 scales)
-    save_quantized / checkpoints     model.safetensors holds int8 weights, scales and the float rest;
-                                     meta.json's config says {"quantization": {...}}
     finetune(model, ...)             LoRA adapters trained with AdamW, every other weight frozen
-    save_adapter / load              model.safetensors holds ONLY the adapters' A and B; meta.json
-                                     names the base checkpoint (path and SHA-256), rank, alpha, targets
 
-``train.model_from_checkpoint`` reads all three kinds (plain, quantized,
-adapter), so ``npflux sample`` and ``npflux eval`` run from any of them. An
-adapter over a quantized base is QLoRA-style fine-tuning.
+Their checkpoints are kinds of ``npflux.checkpoint`` (``gpt-int8`` written by
+``save_quantized``, ``gpt-lora`` by ``save_adapter``: the adapters only, and the
+base checkpoint they belong to), and ``npflux.checkpoint.load_model`` reads
+them, so ``npflux sample`` and ``npflux eval`` run from any of them. An
+adapter over a quantized base is QLoRA-style fine-tuning. ``save_quantized``,
+``save_adapter``, ``load_adapter`` and ``special_from_checkpoint`` are still
+importable from here for one release.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import optim
 from .backend import get_backend
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .checkpoint import sha256_file
+from .checkpoint import load_adapter, model_from, save_adapter, save_quantized  # noqa: F401  (old names, one release)
 from .data import get_batch
-from .models import GPT, GPTConfig
-from .nn.convert import apply_lora, quantize_linears, refresh_flat_parameters, set_submodule
-from .nn.lora import lora_gradients, lora_modules, lora_parameters
-from .nn.quant import QuantizedLinear, named_buffers
+from .nn.convert import apply_lora, quantize_linears
+from .nn.lora import lora_gradients, lora_parameters
+from .nn.quant import named_buffers
 
 # The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
 # not a Linear module (it may share wte's matrix), so it, the embeddings and the norms stay float.
@@ -63,7 +59,7 @@ def weight_count(model) -> int:
 
 
 # ---------------------------------------------------------------------------
-# quantized checkpoints
+# quantization
 # ---------------------------------------------------------------------------
 
 
@@ -72,138 +68,12 @@ def quantize_model(model, group_size=None, targets=BLOCK_LINEARS):
     return quantize_linears(model, group_size=group_size, targets=targets)
 
 
-def save_quantized(directory, model, config: dict, tokenizer=None, extra=None):
-    """A checkpoint of a quantized model: int8 weights, float32 scales and every float array left.
-
-    ``config`` is the float checkpoint's; its "quantization" entry lists the
-    int8 layers and their group size (None: per output channel).
-    """
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not layers:
-        raise ValueError("save_quantized: the model has no int8 layers (quantize_model first)")
-    if lora_modules(model):  # the checkpoint would not load: save the adapters with save_adapter
-        raise ValueError("save_quantized: the model has LoRA adapters; save them with save_adapter over the "
-                         "int8 base's checkpoint, or merge_lora and quantize_model to bake them in")
-    group_sizes = sorted({str(m.group_size) for m in layers.values()})
-    if len(group_sizes) > 1:
-        raise ValueError(f"save_quantized: layers quantized with different group sizes {group_sizes}")
-    state = {**model.state_dict(), **named_buffers(model)}
-    config = {**config, "quantization": {"bits": 8, "scheme": "symmetric",
-                                         "group_size": next(iter(layers.values())).group_size,
-                                         "layers": list(layers)}}
-    return save_checkpoint(directory, model_state=state, config=config, tokenizer=tokenizer, extra=extra)
-
-
-def _quantized_from_state(model, state, quant: dict):
-    """Put QuantizedLinear layers built from the saved int8 arrays where the config says, then load the rest."""
-    state = dict(state)
-    for path in quant["layers"]:
-        try:
-            q, scale = state.pop(f"{path}.weight_int8"), state.pop(f"{path}.weight_scale")
-        except KeyError as exc:
-            raise CheckpointError(f"quantized checkpoint has no {exc.args[0]}") from None
-        bias = state.pop(f"{path}.bias", None)
-        layer = QuantizedLinear(q, scale, bias, backend=model.backend, dtype=model.dtype)
-        set_submodule(model, path, layer)
-    refresh_flat_parameters(model)
-    model.load_state_dict(state)
-    return model
-
-
-# ---------------------------------------------------------------------------
-# adapter checkpoints
-# ---------------------------------------------------------------------------
-
-
-def save_adapter(directory, model, base_checkpoint, lora: dict, tokenizer=None, train: dict | None = None,
-                 extra=None):
-    """An adapter-only checkpoint: the adapters' A and B, and the base checkpoint they belong to.
-
-    ``lora`` holds rank, alpha, targets and seed: loading re-applies it, so it
-    must describe the model's adapters (checked here, or they would load with
-    another scaling, or not at all). The base is recorded by its absolute path
-    and the SHA-256 of its model.safetensors, which loading checks.
-    """
-    _check_adapter_description(model, lora)
-    base = Path(base_checkpoint).resolve()
-    adapter = {**lora, "base_checkpoint": str(base), "base_sha256": sha256_file(base / "model.safetensors")}
-    base_config = json.loads((base / "meta.json").read_text(encoding="utf-8"))["config"]
-    _check_base(model, base_config, base)
-    # The base's document separator, so `npflux eval` of the adapter packs text as the base (and finetune) did.
-    train = {**(train or {}), "doc_sep": base_config.get("train", {}).get("doc_sep")}
-    config = {"model": model.config.to_dict(), "adapter": adapter, "train": train}
-    return save_checkpoint(directory, model_state=lora_parameters(model), config=config, tokenizer=tokenizer,
-                           extra=extra)
-
-
-def _check_base(model, base_config, base):
-    """The base checkpoint must be the model the adapters sit on: same architecture, same kind (float / int8)."""
-    if GPTConfig.from_dict(base_config["model"]) != model.config:
-        raise ValueError(f"save_adapter: {base} holds a different model ({base_config['model']}) from this one")
-    int8_model = any(isinstance(m, QuantizedLinear) for _, m in model.named_modules())
-    if int8_model != ("quantization" in base_config):  # loading would put the adapters on the other kind of base
-        raise ValueError(f"save_adapter: the model's base is {'int8' if int8_model else 'float'}, but {base} is "
-                         f"{'an int8' if 'quantization' in base_config else 'a float'} checkpoint")
-
-
-def _check_adapter_description(model, lora):
-    """``lora`` (rank, alpha, targets) re-applied to a fresh model must give exactly this model's adapters."""
-    layers = lora_modules(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
-    for path, m in layers:
-        if m.rank != lora["rank"] or m.alpha != float(lora["alpha"]):
-            raise ValueError(f"save_adapter: {path} has rank {m.rank} and alpha {m.alpha}, "
-                             f"but the description says rank {lora['rank']} and alpha {lora['alpha']}")
-    again = GPT(model.config, backend=model.backend)  # what loading will build
-    apply_lora(again, lora["targets"], rank=lora["rank"], alpha=lora["alpha"])
-    expected = {k: v.shape for k, v in lora_parameters(again).items()}
-    if expected != {k: v.shape for k, v in lora_parameters(model).items()}:
-        raise ValueError(f"save_adapter: targets {list(lora['targets'])} do not give the model's adapters "
-                         f"({', '.join(path for path, _ in layers[:4])}{' ...' if len(layers) > 4 else ''})")
-
-
-def _with_adapter(ckpt, directory, backend=None, dtype=None, base_checkpoint=None):
-    from .train import model_from_checkpoint
-
-    adapter = ckpt.config["adapter"]
-    base_dir = Path(base_checkpoint or adapter["base_checkpoint"])
-    if not (base_dir / "model.safetensors").is_file():
-        raise CheckpointError(f"adapter {directory}: its base checkpoint {base_dir} is not there (moved? "
-                              f"npflux.finetune.load_adapter({str(directory)!r}, base_checkpoint=NEW_PATH) loads it "
-                              f"from its new place; the SHA-256 is still checked)")
-    actual = sha256_file(base_dir / "model.safetensors")
-    if actual != adapter["base_sha256"]:
-        raise CheckpointError(f"adapter {directory} was trained on a base whose model.safetensors has SHA-256 "
-                              f"{adapter['base_sha256']}, but {base_dir} has {actual}: a different model")
-    model, tokenizer, _ = model_from_checkpoint(base_dir, backend=backend, dtype=dtype)
-    apply_lora(model, adapter["targets"], rank=adapter["rank"], alpha=adapter["alpha"], seed=adapter.get("seed", 0))
-    params = lora_parameters(model)
-    if set(params) != set(ckpt.model_state):
-        raise CheckpointError(f"adapter {directory}: its arrays {sorted(ckpt.model_state)[:4]} ... do not match "
-                              f"the adapters its config describes {sorted(params)[:4]} ...")
-    model.load_state_dict(ckpt.model_state, strict=False)
-    return model, tokenizer
-
-
-def load_adapter(directory, base_checkpoint=None, backend=None, dtype=None):
-    """(model, tokenizer): the base checkpoint with the adapter of ``directory`` applied.
-
-    ``base_checkpoint`` overrides the base's recorded path (its SHA-256 must still match).
-    """
-    return _with_adapter(load_checkpoint(directory), directory, backend, dtype, base_checkpoint)
-
-
 def special_from_checkpoint(ckpt, directory, backend=None, dtype=None):
-    """(model, tokenizer) for a quantized or an adapter checkpoint (``train.model_from_checkpoint`` calls it)."""
-    from .tokenizers import load_tokenizer
+    """(model, tokenizer) for a quantized or an adapter checkpoint already read.
 
-    if "adapter" in ckpt.config:
-        return _with_adapter(ckpt, directory, backend, dtype)  # the base's tokenizer
-    config = GPTConfig.from_dict(ckpt.config["model"])
-    dtype = dtype or ckpt.config.get("train", {}).get("dtype", "float32")
-    model = _quantized_from_state(GPT(config, backend=backend, dtype=dtype), ckpt.model_state, ckpt.config["quantization"])
-    return model, load_tokenizer(ckpt.tokenizer) if ckpt.tokenizer else None
+    Kept for one release: ``npflux.checkpoint.model_from(ckpt, directory, ...)`` reads every kind.
+    """
+    return model_from(ckpt, directory, backend, dtype, expect=("gpt-int8", "gpt-lora"))
 
 
 # ---------------------------------------------------------------------------

@@ -27,7 +27,8 @@ import numpy as np
 
 from .backend import to_numpy
 from .capture import capture, capture_points, match_points
-from .models.sae import SAEConfig, SparseAutoencoder
+from .checkpoint import load_sae, save_sae  # noqa: F401  (their home is npflux.checkpoint; old names kept)
+from .models.sae import SAEConfig, SparseAutoencoder  # noqa: F401  (npflux.interp.SAEConfig, as before)
 
 
 # ---------------------------------------------------------------------------
@@ -300,33 +301,6 @@ def spliced_loss(model, ids, name, sae, scale=1.0, context=None, batch_size=64, 
         model.train(was_training)
     return {"clean": clean, "spliced": spliced, "mean_ablated": ablated,
             "loss_recovered": (ablated - spliced) / (ablated - clean)}
-
-
-# ---------------------------------------------------------------------------
-# saving and loading
-# ---------------------------------------------------------------------------
-def save_sae(directory, sae, source: dict, metrics: dict | None = None):
-    """Write the SAE as an npflux checkpoint: weights in safetensors, config and provenance in JSON.
-
-    ``source`` says where its activations came from: checkpoint, point
-    (capture name), input_scale, context.
-    """
-    from .checkpoint import save_checkpoint
-
-    return save_checkpoint(directory, sae.state_dict(), {"sae": sae.config.to_dict(), "source": source},
-                           extra={"metrics": metrics or {}})
-
-
-def load_sae(directory, backend=None, dtype=None):
-    """(sae, source, metrics) from a directory written by ``save_sae``."""
-    from .checkpoint import CheckpointError, load_checkpoint
-
-    ckpt = load_checkpoint(directory)
-    if not isinstance(ckpt.config, dict) or "sae" not in ckpt.config:
-        raise CheckpointError(f"{directory} is an npflux checkpoint but not a sparse autoencoder (no 'sae' config)")
-    sae = SparseAutoencoder(SAEConfig(**ckpt.config["sae"]), backend=backend, dtype=dtype)
-    sae.load_state_dict(ckpt.model_state)
-    return sae, ckpt.config.get("source", {}), (ckpt.extra or {}).get("metrics", {})
 
 
 # ---------------------------------------------------------------------------

@@ -25,11 +25,10 @@ import numpy as np
 
 from . import optim
 from .backend import get_backend, resolve_dtype, to_numpy
-from .checkpoint import load_checkpoint, rng_from_json, rng_state_to_json, save_checkpoint
+from .checkpoint import GPT_KINDS, load_checkpoint, load_model, rng_from_json, rng_state_to_json, save_checkpoint
 from .data import get_batch
 from .models import GPT, GPTConfig
 from .nn.layers import reseed_dropout
-from .tokenizers import load_tokenizer
 
 # The published hyperparameters of each preset (the char-level gpt.py for
 # s1/s2, nanoGPT's shakespeare_char for shakespeare-n).
@@ -129,21 +128,12 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def model_from_checkpoint(directory, backend=None, dtype=None):
-    """(model, tokenizer, checkpoint) from a checkpoint directory, on any backend.
+    """(model, tokenizer, checkpoint) from a GPT checkpoint (plain, int8 or LoRA adapter), on any backend.
 
-    Quantized checkpoints and LoRA adapter checkpoints (npflux.finetune) load too.
+    Kept for one release: it is ``npflux.checkpoint.load_model(directory, backend, dtype, expect=GPT_KINDS)``,
+    which also says clearly when the directory holds another kind (a seq2seq model, an SAE).
     """
-    ckpt = load_checkpoint(directory)
-    if "quantization" in ckpt.config or "adapter" in ckpt.config:
-        from .finetune import special_from_checkpoint
-
-        return (*special_from_checkpoint(ckpt, directory, backend=backend, dtype=dtype), ckpt)
-    config = GPTConfig.from_dict(ckpt.config["model"])
-    dtype = dtype or ckpt.config.get("train", {}).get("dtype", "float32")
-    model = GPT(config, backend=backend, dtype=dtype)
-    model.load_state_dict(ckpt.model_state)
-    tokenizer = load_tokenizer(ckpt.tokenizer) if ckpt.tokenizer else None
-    return model, tokenizer, ckpt
+    return load_model(directory, backend, dtype, expect=GPT_KINDS)
 
 
 def _progress(total, initial, enabled):
@@ -178,6 +168,8 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         if not (ckpt_dir / "meta.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
         ckpt = load_checkpoint(ckpt_dir)
+        if ckpt.kind != "gpt":
+            raise ValueError(f"--resume: {ckpt_dir} is a {ckpt.kind!r} checkpoint, not a GPT's training checkpoint")
         saved = GPTConfig.from_dict(ckpt.config["model"])
         if saved != model_config:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
@@ -218,6 +210,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
                        "dropout": None},  # masks are reseeded from (seed, step) at every step
             extra={"train_state": {"best_val": state.best_val, "evals_since_best": state.evals_since_best,
                                    "history": state.history}},
+            kind="gpt",  # save_gpt's layout, plus what resuming needs
         )
 
     has_dropout = model_config.dropout > 0

@@ -18,9 +18,8 @@ import numpy as np
 
 from . import optim
 from .backend import get_backend, resolve_dtype
-from .checkpoint import load_checkpoint, save_checkpoint
-from .models.seq2seq import MODEL_TYPE, Seq2SeqConfig, Seq2SeqTransformer
-from .tokenizers import load_tokenizer
+from .checkpoint import load_seq2seq, save_seq2seq  # noqa: F401  (their home is npflux.checkpoint; old names kept)
+from .models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 
 @dataclass
@@ -87,26 +86,6 @@ def exact_match(model, tokenizer, pairs, beam_size=1, batch_size=256, progress=F
                         progress=progress)
     correct = sum(o == t for o, (_, t) in zip(outputs, pairs))
     return correct / max(len(pairs), 1), outputs
-
-
-def save_seq2seq(directory, model, tokenizer, extra=None, step=0):
-    """A checkpoint whose config says ``model_type: seq2seq``, so loaders know which class to build."""
-    return save_checkpoint(directory, model.state_dict(),
-                           config={"model_type": MODEL_TYPE, "model": model.config.to_dict(),
-                                   "dtype": model.dtype.name},
-                           tokenizer=tokenizer.to_dict(), step=step, extra=extra)
-
-
-def load_seq2seq(directory, backend=None, dtype=None):
-    """(model, tokenizer, checkpoint) from a checkpoint written by ``save_seq2seq``."""
-    ckpt = load_checkpoint(directory)
-    kind = (ckpt.config or {}).get("model_type")
-    if kind != MODEL_TYPE:
-        raise ValueError(f"{directory} holds a {kind or 'GPT'} checkpoint, not a {MODEL_TYPE} one")
-    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(ckpt.config["model"]), backend=backend,
-                               dtype=dtype or ckpt.config.get("dtype", "float32"))
-    model.load_state_dict(ckpt.model_state)
-    return model, load_tokenizer(ckpt.tokenizer), ckpt
 
 
 def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, log=print):
