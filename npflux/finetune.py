@@ -24,6 +24,9 @@ from .data import get_batch
 from .nn.convert import apply_lora, quantize_linears
 from .nn.lora import lora_gradients, lora_parameters
 from .nn.quant import named_buffers
+from .training.loop import progress as progress_bar
+from .training.loop import train_step
+from .training.loop import windows_loss as _windows_loss
 
 # The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
 # not a Linear module (it may share wte's matrix), so it, the embeddings and the norms stay float.
@@ -165,36 +168,9 @@ class FinetuneConfig:
 
 
 def windows_loss(model, ids, batch_size=16, progress=False):
-    """Mean loss over ``ids`` cut into windows of block_size + 1 tokens, each predicting its last block_size,
-    so every token after the first is predicted once (a remainder shorter than a window is left out, as in
-    ``train.evaluate_text``, whose loss this equals).
-
-    ``progress``: a tqdm bar over the batches, with this text as its label."""
-    import numpy as np
-
-    T = model.config.block_size
-    if len(ids) < 2:
-        raise ValueError("windows_loss: need at least two tokens")
-    T = min(T, len(ids) - 1)
-    n = (len(ids) - 1) // T
-    windows = np.stack([ids[i * T : i * T + T + 1] for i in range(n)])
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    starts = range(0, n, batch_size)
-    if progress:
-        import sys
-
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=str(progress), unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
-    for start in starts:
-        batch = windows[start : start + batch_size]
-        _, loss = model.forward(batch[:, :-1], batch[:, 1:])
-        total += float(loss) * batch.shape[0]
-    model.loss_cache = None
-    model.train(was_training)
-    return total / n
+    """``npflux.training.windows_loss`` (the one window evaluator, whose loss ``train.evaluate_text``
+    reports too); ``progress``: a progress bar over the batches with this text as its label."""
+    return _windows_loss(model, ids, batch_size, progress_label=progress or None)
 
 
 def finetune(model, train_ids, val_ids, cfg: FinetuneConfig, log=print):
@@ -216,25 +192,14 @@ def finetune(model, train_ids, val_ids, cfg: FinetuneConfig, log=print):
 
     history = [{"step": 0, "train_loss": windows_loss(model, train_ids), "val_loss": windows_loss(model, val_ids)}]
     log(f"step 0: train loss {history[0]['train_loss']:.4f}, val loss {history[0]['val_loss']:.4f}")
-    bar = None
-    if cfg.progress:
-        import sys
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_iters, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(cfg.max_iters, enabled=cfg.progress)
     model.train()
     t0 = time.perf_counter()
     train_time = 0.0
     for step in range(1, cfg.max_iters + 1):
         t_step = time.perf_counter()
-        model.zero_grad()
-        x, y = get_batch(train_ids, cfg.batch_size, block, rng)
-        _, loss = model.forward(x, y)
-        model.backward()
-        if cfg.grad_clip > 0:
-            optim.clip_grad_norm(grads, cfg.grad_clip)
-        opt.step(grads)
+        loss, _ = train_step(model, opt, [get_batch(train_ids, cfg.batch_size, block, rng)], grad_clip=cfg.grad_clip,
+                             grads=grads)
         train_time += time.perf_counter() - t_step
         if bar:
             bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)

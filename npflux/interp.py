@@ -29,6 +29,8 @@ from .backend import to_numpy
 from .capture import capture, capture_points, match_points
 from .checkpoint import load_sae, save_sae  # noqa: F401  (their home is npflux.checkpoint; old names kept)
 from .models.sae import SAEConfig, SparseAutoencoder  # noqa: F401  (npflux.interp.SAEConfig, as before)
+from .training.loop import progress as progress_bar
+from .training.loop import train_step
 
 
 # ---------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def collect_activations(model, ids, names, context=None, batch_size=64, progress
     out = {n: [] for n in names}
     was_training = model.training
     model.eval()
-    bar = _bar(len(tokens), "windows", progress)
+    bar = progress_bar(len(tokens), unit="windows", enabled=progress)
     try:
         with capture(model, names) as acts:
             for b in range(0, len(tokens), batch_size):
@@ -122,16 +124,6 @@ def residual_vectors(model, ids, name, context=None, batch_size=64, max_tokens=N
     valid = data["valid"]
     index = (data["start"][:, None] + np.arange(valid.shape[1])[None, :])[valid]
     return np.ascontiguousarray(acts[valid], dtype=np.float32), index
-
-
-def _bar(total, unit, enabled):
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -173,18 +165,26 @@ def train_sae(sae, x, steps, batch_size=1024, lr=1e-3, l1_warmup=0.05, seed=0, p
     order, cursor = rng.permutation(len(x)), 0
     warm = max(1, int(l1_warmup * steps))
     history = []
-    bar = _bar(steps, "step", progress)
+    bar = progress_bar(steps, unit="step", enabled=progress)
     for step in range(steps):
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(x)), 0
         batch = sae.backend.asarray(x[order[cursor : cursor + batch_size]], dtype=sae.dtype)
         cursor += batch_size
-        sae.zero_grad()
-        loss, recon, l1_term = sae.loss(batch, l1=sae.config.l1 * min(1.0, (step + 1) / warm))
-        sae.backward_loss()
-        sae.project_decoder_grad()
-        optimizer.step(sae.grads)
+        terms = []
+        l1 = sae.config.l1 * min(1.0, (step + 1) / warm)
+
+        def sae_loss(rows):
+            terms[:] = sae.loss(rows, l1=l1)  # (loss, reconstruction, l1 term)
+            return terms[0]
+
+        def sae_backward(scale):
+            sae.backward_loss(scale)
+            sae.project_decoder_grad()  # decoder columns stay unit-norm: no gradient along them
+
+        train_step(sae, optimizer, [batch], loss=sae_loss, backward=sae_backward)
         sae.normalize_decoder()
+        loss, recon, l1_term = terms
         history.append((step, loss, recon, l1_term))
         if bar:
             bar.update(1)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
+from .training.loop import progress as progress_bar
 
 INDEX_FORMAT = "npflux-index"
 INDEX_VERSION = 1
@@ -271,11 +272,7 @@ class ModelEncoder:
         # change nothing but their own rows, which the mask leaves out of the mean.
         order = sorted(range(len(windows)), key=lambda j: -len(windows[j]))
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        bar = None
-        if progress and batches:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(windows), unit="window", desc="embedding", dynamic_ncols=True)
+        bar = progress_bar(len(windows), enabled=progress and bool(batches), unit="window", desc="embedding")
         for batch in batches:
             T = len(windows[batch[0]])
             ids = np.zeros((len(batch), T), dtype=np.int64)

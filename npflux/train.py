@@ -29,6 +29,7 @@ from .checkpoint import GPT_KINDS, load_checkpoint, load_model, rng_from_json, r
 from .data import get_batch
 from .models import GPT, GPTConfig
 from .nn.layers import reseed_dropout
+from .training.loop import evaluating, progress, train_step, windows_loss
 
 # The published hyperparameters of each preset (the char-level gpt.py for
 # s1/s2, nanoGPT's shakespeare_char for shakespeare-n).
@@ -109,15 +110,12 @@ def estimate_loss(model, data, eval_iters, batch_size, block_size, seed):
     change what was evaluated).
     """
     rng = get_backend("numpy").rng(seed)
-    was_training = model.training
-    model.eval()
     total = 0.0
-    for _ in range(eval_iters):
-        x, y = get_batch(data, batch_size, block_size, rng)
-        _, loss = model.forward(x, y)
-        total += float(loss)
-    model.loss_cache = None
-    model.train(was_training)
+    with evaluating(model):
+        for _ in range(eval_iters):
+            x, y = get_batch(data, batch_size, block_size, rng)
+            _, loss = model.forward(x, y)
+            total += float(loss)
     return total / eval_iters
 
 
@@ -134,14 +132,6 @@ def model_from_checkpoint(directory, backend=None, dtype=None):
     which also says clearly when the directory holds another kind (a seq2seq model, an SAE).
     """
     return load_model(directory, backend, dtype, expect=GPT_KINDS)
-
-
-def _progress(total, initial, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, tokenizer=None, resume=False,
@@ -214,7 +204,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         )
 
     has_dropout = model_config.dropout > 0
-    bar = _progress(cfg.max_iters, state.step, cfg.progress)
+    bar = progress(cfg.max_iters, enabled=cfg.progress, initial=state.step)
     model.train()
     stopped_early = False
     t_last, tokens_since = time.perf_counter(), 0
@@ -233,14 +223,8 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         opt.lr = cfg.lr_at(step)
         if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
             reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
-        model.zero_grad()
-        for _ in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg.batch_size, block_size, batch_rng)
-            _, loss = model.forward(x, y)
-            model.backward(loss_scale=1.0 / cfg.grad_accum)
-        if cfg.grad_clip > 0:
-            optim.clip_grad_norm(model.grads, cfg.grad_clip)
-        opt.step(model.grads)
+        micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
+        train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
         state.step += 1
         tokens_since += tokens_per_step
 
@@ -316,25 +300,13 @@ def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
     if not text:  # BPE would still score [EOS] after [BOS]: a loss over no characters at all
         raise ValueError("evaluate_text: the text is empty")
     ids = _host.asarray(pack_documents(tokenizer, text, doc_sep), dtype=_host.int64)
-    T = model.config.block_size
     if len(ids) < 2:
         raise ValueError("evaluate_text: the text must hold at least two tokens")
-    n_windows = max(1, (len(ids) - 1) // T)
-    windows = [ids[i * T : i * T + T + 1] for i in range(n_windows)]
-    total_loss, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        L = min(len(w) for w in chunk)
-        batch = _host.stack([w[:L] for w in chunk])
-        _, loss = model.forward(batch[:, :-1], batch[:, 1:])
-        n = batch[:, 1:].size
-        total_loss += float(loss) * n
-        total_tokens += n
-    model.loss_cache = None
-    model.train(was_training)
-    mean = total_loss / total_tokens
+    T = min(model.config.block_size, len(ids) - 1)
+    n_windows = (len(ids) - 1) // T
+    mean = windows_loss(model, ids, batch_size)  # every window holds T predicted tokens: the per-token mean
+    total_tokens = n_windows * T
+    total_loss = mean * total_tokens
     predicted = ids[1 : n_windows * T + 1]
     chars = count_chars(tokenizer, predicted, doc_sep)
     if doc_sep and len(predicted) == len(ids) - 1 and getattr(tokenizer, "eos_id", None) == ids[-1]:

@@ -20,6 +20,8 @@ from . import optim
 from .backend import get_backend, resolve_dtype
 from .checkpoint import load_seq2seq, save_seq2seq  # noqa: F401  (their home is npflux.checkpoint; old names kept)
 from .models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from .training.loop import progress as progress_bar
+from .training.loop import train_step
 
 
 @dataclass
@@ -60,10 +62,7 @@ def translate(model, tokenizer, sources, beam_size=1, batch_size=256, progress=F
     c = model.config
     outputs = []
     batches = range(0, len(sources), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"decoding (beam {beam_size})", unit="batch", leave=False)
+    bar = progress_bar(len(batches), enabled=progress, unit="batch", desc=f"decoding (beam {beam_size})", leave=False)
     for i in batches:
         chunk = sources[i : i + batch_size]
         ids = [tokenizer.encode_array(s) for s in chunk]
@@ -77,6 +76,10 @@ def translate(model, tokenizer, sources, beam_size=1, batch_size=256, progress=F
             src[j, : len(a)] = a
         for out in model.beam_decode(src, beam_size=beam_size):
             outputs.append(tokenizer.decode(out))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
     return outputs
 
 
@@ -109,11 +112,7 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
     history = []
     log_path = out / "log.jsonl"
     log_path.write_text("")
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_iters, unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.max_iters, enabled=cfg.progress)
     train_time = 0.0  # seconds spent in training steps (evaluations excluded)
 
     def evaluate(step, loss):
@@ -137,13 +136,7 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
         t0 = time.perf_counter()
         opt.lr = optim.cosine_with_warmup(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr)
         src, tgt_in, targets = task.encode_batch(task.sample(rng, cfg.batch_size))
-        model.zero_grad()
-        _, loss_arr = model.forward(src, tgt_in, targets)
-        model.backward()
-        if cfg.grad_clip > 0:
-            optim.clip_grad_norm(model.grads, cfg.grad_clip)
-        opt.step(model.grads)
-        loss = float(loss_arr)
+        loss, _ = train_step(model, opt, [(src, tgt_in, targets)], grad_clip=cfg.grad_clip)
         train_time += time.perf_counter() - t0
         if bar:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
