@@ -30,7 +30,7 @@ from .capture import capture, capture_points, match_points
 from .checkpoint import load_sae, save_sae  # noqa: F401  (their home is npflux.checkpoint; old names kept)
 from .models.sae import SAEConfig, SparseAutoencoder  # noqa: F401  (npflux.interp.SAEConfig, as before)
 from .training.loop import progress as progress_bar
-from .training.loop import train_step
+from .training.sae import train_sae  # noqa: F401  (npflux.interp.train_sae, as before)
 
 
 # ---------------------------------------------------------------------------
@@ -139,62 +139,6 @@ def input_scale(x):
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"input_scale: x must be (N, d) with N >= 1, got shape {x.shape}")
     return float(math.sqrt(x.shape[1] / max(float((x * x).sum(axis=1).mean()), 1e-30)))
-
-
-def train_sae(sae, x, steps, batch_size=1024, lr=1e-3, l1_warmup=0.05, seed=0, progress=False,
-              log_every=0, log=print):
-    """Adam on ``sae`` over the rows of host array x (N, d); returns the history of (step, loss, recon, l1 term).
-
-    Each step: a batch of rows (shuffled epochs), zero_grad, loss, backward,
-    ``project_decoder_grad`` (the unit-norm constraint, see models/sae.py),
-    the Adam step (``npflux.optim.AdamW`` with weight_decay 0 is Adam),
-    ``normalize_decoder``. b_dec starts at the mean of x; the L1 coefficient
-    ramps up linearly over the first ``l1_warmup`` fraction of the steps
-    (features that are penalised from step 0 tend to die before they find
-    anything to encode).
-    """
-    from .optim import AdamW
-
-    if x.ndim != 2 or x.shape[1] != sae.config.d_in:
-        raise ValueError(f"train_sae: x must be (N, {sae.config.d_in}), got {x.shape}")
-    if len(x) < batch_size:
-        raise ValueError(f"train_sae: {len(x)} rows are fewer than one batch of {batch_size}")
-    sae.p["b_dec"][...] = sae.backend.asarray(x.mean(axis=0), dtype=sae.dtype)
-    optimizer = AdamW(sae.params, lr=lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    order, cursor = rng.permutation(len(x)), 0
-    warm = max(1, int(l1_warmup * steps))
-    history = []
-    bar = progress_bar(steps, unit="step", enabled=progress)
-    for step in range(steps):
-        if cursor + batch_size > len(order):
-            order, cursor = rng.permutation(len(x)), 0
-        batch = sae.backend.asarray(x[order[cursor : cursor + batch_size]], dtype=sae.dtype)
-        cursor += batch_size
-        terms = []
-        l1 = sae.config.l1 * min(1.0, (step + 1) / warm)
-
-        def sae_loss(rows):
-            terms[:] = sae.loss(rows, l1=l1)  # (loss, reconstruction, l1 term)
-            return terms[0]
-
-        def sae_backward(scale):
-            sae.backward_loss(scale)
-            sae.project_decoder_grad()  # decoder columns stay unit-norm: no gradient along them
-
-        train_step(sae, optimizer, [batch], loss=sae_loss, backward=sae_backward)
-        sae.normalize_decoder()
-        loss, recon, l1_term = terms
-        history.append((step, loss, recon, l1_term))
-        if bar:
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}", recon=f"{recon:.4f}", l1=f"{l1_term:.2f}")
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            log(f"step {step}: loss {loss:.4f}, reconstruction {recon:.4f}, L1 {l1_term:.3f}")
-    if bar:
-        bar.close()
-    return history
 
 
 def evaluate_sae(sae, x, batch_size=4096):

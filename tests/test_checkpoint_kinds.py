@@ -218,9 +218,10 @@ def test_train_and_finetune_do_not_import_each_other_and_the_registry_imports_ne
         return {t for t in targets if any(t == m or t.startswith(m + ".") for m in modules)}
 
     pkg = ROOT / "npflux"
-    assert within(npflux_imports(pkg / "train.py"), ["npflux.checkpoint"])  # (the parser sees imports at all)
-    assert not within(npflux_imports(pkg / "train.py"), ["npflux.finetune"])
-    assert not within(npflux_imports(pkg / "finetune.py"), ["npflux.train"])
+    gpt, lora = pkg / "training" / "gpt.py", pkg / "training" / "lora.py"  # (npflux.train, npflux.finetune)
+    assert within(npflux_imports(gpt), ["npflux.checkpoint"])  # (the parser sees imports at all)
+    assert not within(npflux_imports(gpt), ["npflux.finetune", "npflux.training.lora"])
+    assert not within(npflux_imports(lora), ["npflux.train", "npflux.training.gpt"])
     above = ["npflux.train", "npflux.finetune", "npflux.train_seq2seq", "npflux.interp", "npflux.cli", "npflux.training"]
     for path in sorted((pkg / "checkpoint").glob("*.py")):
         assert not within(npflux_imports(path), above), path.name

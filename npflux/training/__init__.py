@@ -1,13 +1,14 @@
-"""Training: the one training step and what every workflow shares (``loop``).
+"""Training: the one training step, and one short ``train()`` per workflow on top of it.
 
-    loop.train_step      zero_grad; forward/backward per micro-batch; clip; optimizer step
-    loop.evaluating      eval mode for a block, restored even on an error
-    loop.progress        the progress bar of every long command
-    loop.windows_loss    the loss of a model over a token array (the one text evaluator)
+    loop.py      train_step (zero_grad; forward/backward per micro-batch; clip; optimizer step),
+                 evaluating(model), progress bars, windows_loss (the one text evaluator)
+    gpt.py       train(): a GPT on text, with evaluation, checkpoints, --resume, log and plot
+    seq2seq.py   train_seq2seq(): an encoder-decoder on a generated task
+    lora.py      finetune(): LoRA adapters on a trained GPT (and int8 quantization of it)
+    sae.py       train_sae(): a sparse autoencoder on a model's activations
 
-The workflows built on it: ``npflux.train`` (a GPT on text), ``npflux.train_seq2seq``
-(an encoder-decoder on a generated task), ``npflux.finetune`` (LoRA adapters) and
-``npflux.interp`` (sparse autoencoders on activations).
+The old module names (``npflux.train``, ``npflux.train_seq2seq``, ``npflux.finetune``)
+are these modules, kept importable for one release.
 """
 from .loop import evaluating, progress, train_step, windows_loss
 

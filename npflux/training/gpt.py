@@ -1,0 +1,315 @@
+"""The training loop: batches, forward, backward, AdamW, evaluation, checkpoints.
+
+    for step in range(max_iters):
+        every eval_interval steps: estimate train/val loss, log, maybe stop early
+        lr = schedule(step); dropout reseeded from (seed, step)
+        zero_grad; for each micro-batch: forward, backward(1/grad_accum)
+        clip; optimizer.step
+        every checkpoint_interval steps: save (atomically)
+
+Everything that decides what happens next (weights, AdamW moments, step,
+the batch sampler's random state, the early-stopping record) is in the
+checkpoint, and dropout's masks follow from (seed, step), so ``resume=True`` continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import optim
+from ..backend import get_backend, resolve_dtype, to_numpy
+from ..checkpoint import GPT_KINDS, load_checkpoint, load_model, rng_from_json, rng_state_to_json, save_checkpoint
+from ..data import get_batch
+from ..models import GPT, GPTConfig
+from ..nn.layers import reseed_dropout
+from .loop import evaluating, progress, train_step, windows_loss
+
+# The published hyperparameters of each preset (the char-level gpt.py for
+# s1/s2, nanoGPT's shakespeare_char for shakespeare-n).
+TRAIN_PRESETS = {
+    "shakespeare-s1": dict(batch_size=16, max_iters=5000, eval_interval=100, eval_iters=200, learning_rate=1e-3),
+    "shakespeare-s2": dict(batch_size=16, max_iters=5000, eval_interval=100, eval_iters=200, learning_rate=1e-3),
+    "shakespeare-n": dict(batch_size=64, max_iters=5000, eval_interval=500, eval_iters=200, learning_rate=1e-3,
+                          lr_schedule="cosine", warmup_iters=100, min_lr=1e-4, beta2=0.99, weight_decay=0.1,
+                          decay_matrices_only=True, grad_clip=1.0),
+    # nanoGPT's README CPU command: --max_iters=2000 --lr_decay_iters=2000 --eval_iters=20 and its
+    # shakespeare_char config (lr 1e-3, warmup 100, cosine to 1e-4, beta2 0.99, eval every 250).
+    "nanogpt-cpu": dict(batch_size=12, max_iters=2000, eval_interval=250, eval_iters=20, learning_rate=1e-3,
+                        lr_schedule="cosine", warmup_iters=100, min_lr=1e-4, beta2=0.99, weight_decay=0.1,
+                        decay_matrices_only=True, grad_clip=1.0),
+    # Sized for about 10 minutes on one shared CPU thread (README, NeuraFlux section), not for the best loss.
+    "neuraflux": dict(batch_size=16, max_iters=500, eval_interval=100, eval_iters=10, learning_rate=2e-3,
+                      lr_schedule="cosine", warmup_iters=50, min_lr=2e-4, beta2=0.99, weight_decay=0.1,
+                      decay_matrices_only=True, grad_clip=1.0),
+}
+# The tokenizer a preset trains with when --tokenizer is not given.
+PRESET_TOKENIZERS = {"neuraflux": "bpe"}
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"
+    batch_size: int = 16
+    block_size: int | None = None      # default: the model's block_size
+    max_iters: int = 5000
+    eval_interval: int = 100
+    eval_iters: int = 200
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"      # "constant" or "cosine" (linear warmup, cosine decay)
+    warmup_iters: int = 100
+    min_lr: float | None = None        # cosine floor; default learning_rate / 10
+    weight_decay: float = 0.01         # torch.optim.AdamW's default
+    decay_matrices_only: bool = False  # nanoGPT's grouping: no decay on biases and norms
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 0.0             # 0 disables clipping
+    grad_accum: int = 1
+    checkpoint_interval: int = 1000    # 0: only at the end
+    early_stopping_patience: int = 0   # evaluations without val improvement before stopping; 0 disables
+    seed: int = 1337
+    backend: str | None = None
+    dtype: str = "float32"
+    progress: bool = True
+    doc_sep: str | None = None         # how the corpus was cut into [BOS] doc [EOS] documents (recorded for eval)
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "grad_accum"):
+            if getattr(self, name) < 1 and not (name == "max_iters" and self.max_iters == 0):
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def lr_at(self, step: int) -> float:
+        if self.lr_schedule == "constant":
+            return optim.constant(step, self.learning_rate)
+        min_lr = self.learning_rate / 10 if self.min_lr is None else self.min_lr
+        return optim.cosine_with_warmup(step, self.learning_rate, self.warmup_iters, self.max_iters, min_lr)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from step to step (and what a checkpoint must restore)."""
+    step: int = 0
+    best_val: float = math.inf
+    evals_since_best: int = 0
+    history: list = field(default_factory=list)
+
+
+def estimate_loss(model, data, eval_iters, batch_size, block_size, seed):
+    """Mean loss over ``eval_iters`` random batches, in eval mode (no dropout).
+
+    The batches come from their own generator seeded with ``seed``, so an
+    evaluation does not disturb the training batches (and resuming does not
+    change what was evaluated).
+    """
+    rng = get_backend("numpy").rng(seed)
+    total = 0.0
+    with evaluating(model):
+        for _ in range(eval_iters):
+            x, y = get_batch(data, batch_size, block_size, rng)
+            _, loss = model.forward(x, y)
+            total += float(loss)
+    return total / eval_iters
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    decay = optim.nanogpt_decay if cfg.decay_matrices_only else None
+    return optim.AdamW(model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                       weight_decay=cfg.weight_decay, decay_filter=decay)
+
+
+def model_from_checkpoint(directory, backend=None, dtype=None):
+    """(model, tokenizer, checkpoint) from a GPT checkpoint (plain, int8 or LoRA adapter), on any backend.
+
+    Kept for one release: it is ``npflux.checkpoint.load_model(directory, backend, dtype, expect=GPT_KINDS)``,
+    which also says clearly when the directory holds another kind (a seq2seq model, an SAE).
+    """
+    return load_model(directory, backend, dtype, expect=GPT_KINDS)
+
+
+def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, tokenizer=None, resume=False,
+          log=print):
+    """Train a GPT on host token arrays; returns (model, TrainState). Writes into ``cfg.out_dir``.
+
+    ``out_dir/ckpt`` is the latest checkpoint, ``out_dir/log.jsonl`` one JSON
+    line per evaluation, ``out_dir/loss.png`` the loss curves.
+    """
+    out = Path(cfg.out_dir)
+    ckpt_dir, log_path = out / "ckpt", out / "log.jsonl"
+    backend = get_backend(cfg.backend)
+    dtype = resolve_dtype(cfg.dtype)
+    block_size = cfg.block_size or model_config.block_size
+    if block_size > model_config.block_size:
+        raise ValueError(f"block_size {block_size} exceeds the model's {model_config.block_size}")
+
+    model = GPT(model_config, seed=cfg.seed, backend=backend, dtype=dtype)
+    opt = make_optimizer(model, cfg)
+    batch_rng = get_backend("numpy").rng(cfg.seed)
+    state = TrainState()
+
+    if resume:
+        if not (ckpt_dir / "meta.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        ckpt = load_checkpoint(ckpt_dir)
+        if ckpt.kind != "gpt":
+            raise ValueError(f"--resume: {ckpt_dir} is a {ckpt.kind!r} checkpoint, not a GPT's training checkpoint")
+        saved = GPTConfig.from_dict(ckpt.config["model"])
+        if saved != model_config:
+            raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
+        model.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer_state)
+        batch_rng = rng_from_json(ckpt.rng_state["batch"], backend=get_backend("numpy"))
+        state = TrainState(step=ckpt.step, **ckpt.extra["train_state"])
+        log(f"resumed from {ckpt_dir} at step {state.step}")
+    out.mkdir(parents=True, exist_ok=True)
+    # Log lines past the checkpoint belong to a run that did not survive.
+    _rewrite_log(log_path, state.history)
+
+    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum
+    log(f"model: {model.num_parameters():,} parameters ({model.size_mb():.2f} MB), backend {backend.name}, {dtype}; "
+        f"{tokens_per_step} tokens per step")
+
+    def evaluate(step):
+        train_loss = estimate_loss(model, train_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 1)
+        val_loss = estimate_loss(model, val_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 2)
+        entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": cfg.lr_at(min(step, cfg.max_iters)),
+                 "time": time.time()}
+        state.history.append(entry)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if val_loss < state.best_val:
+            state.best_val, state.evals_since_best = val_loss, 0
+        else:
+            state.evals_since_best += 1
+        return entry
+
+    def save():
+        save_checkpoint(
+            ckpt_dir, model_state=model.state_dict(),
+            config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg)},
+            tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
+            optimizer_state=opt.state_dict(), step=state.step,
+            rng_state={"batch": rng_state_to_json(batch_rng),
+                       "dropout": None},  # masks are reseeded from (seed, step) at every step
+            extra={"train_state": {"best_val": state.best_val, "evals_since_best": state.evals_since_best,
+                                   "history": state.history}},
+            kind="gpt",  # save_gpt's layout, plus what resuming needs
+        )
+
+    has_dropout = model_config.dropout > 0
+    bar = progress(cfg.max_iters, enabled=cfg.progress, initial=state.step)
+    model.train()
+    stopped_early = False
+    t_last, tokens_since = time.perf_counter(), 0
+    while state.step < cfg.max_iters:
+        step = state.step
+        if step % cfg.eval_interval == 0 and (not state.history or state.history[-1]["step"] != step):
+            e = evaluate(step)
+            msg = f"step {step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
+            bar.write(msg) if bar else log(msg)
+            t_last, tokens_since = time.perf_counter(), 0  # tokens/s counts training, not evaluation
+            if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+                log(f"early stopping at step {step}: no val improvement in {state.evals_since_best} evaluations")
+                stopped_early = True
+                break
+
+        opt.lr = cfg.lr_at(step)
+        if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
+            reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
+        micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
+        train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
+        state.step += 1
+        tokens_since += tokens_per_step
+
+        if bar:
+            now = time.perf_counter()
+            if now - t_last > 0.5:
+                bar.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{tokens_since / (now - t_last):,.0f}", refresh=False)
+                t_last, tokens_since = now, 0
+            bar.update(1)
+        if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0 and state.step < cfg.max_iters:
+            save()
+
+    if not stopped_early:
+        e = evaluate(state.step)
+        msg = f"step {state.step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
+        bar.write(msg) if bar else log(msg)
+    if bar:
+        bar.close()
+    save()
+    plot_losses(state.history, out / "loss.png", log=log)
+    return model, state
+
+
+def _rewrite_log(path: Path, history):
+    with open(path, "w", encoding="utf-8") as f:
+        for entry in history:
+            f.write(json.dumps(entry) + "\n")
+
+
+def plot_losses(history, path, log=print):
+    """Train and val loss against step, as a PNG (skipped with a note if matplotlib is missing)."""
+    if not history:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed; skipping the loss plot (pip install matplotlib)")
+        return None
+    steps = [e["step"] for e in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [e["train_loss"] for e in history], label="train")
+    ax.plot(steps, [e["val_loss"] for e in history], label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
+    """Loss (nats/token), perplexity and bits per character of ``text``.
+
+    The text is tokenized as training saw it (``npflux.data.pack_documents``:
+    ``[BOS] doc [EOS]`` per document, split at ``doc_sep``, for tokenizers
+    that have those marks) and cut into non-overlapping windows of
+    block_size + 1 tokens, each predicting its last block_size tokens (a
+    remainder shorter than a window is left out). Bits per character divide
+    the total loss in bits by the number of characters of the text those
+    predicted tokens stand for (``npflux.data.count_chars``: an [EOS] counts
+    as the separator it replaced), so models with different tokenizers can be
+    compared on the same text.
+    """
+    import numpy as _host  # host-side token ids only
+
+    from ..data import count_chars, pack_documents
+
+    if not text:  # BPE would still score [EOS] after [BOS]: a loss over no characters at all
+        raise ValueError("evaluate_text: the text is empty")
+    ids = _host.asarray(pack_documents(tokenizer, text, doc_sep), dtype=_host.int64)
+    if len(ids) < 2:
+        raise ValueError("evaluate_text: the text must hold at least two tokens")
+    T = min(model.config.block_size, len(ids) - 1)
+    n_windows = (len(ids) - 1) // T
+    mean = windows_loss(model, ids, batch_size)  # every window holds T predicted tokens: the per-token mean
+    total_tokens = n_windows * T
+    total_loss = mean * total_tokens
+    predicted = ids[1 : n_windows * T + 1]
+    chars = count_chars(tokenizer, predicted, doc_sep)
+    if doc_sep and len(predicted) == len(ids) - 1 and getattr(tokenizer, "eos_id", None) == ids[-1]:
+        chars -= len(doc_sep)  # the last document's [EOS] replaced no separator
+    return {"loss": mean, "perplexity": math.exp(mean), "bits_per_char": total_loss / math.log(2) / max(chars, 1),
+            "tokens": total_tokens, "chars": chars}
