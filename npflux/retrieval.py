@@ -30,14 +30,13 @@ import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backend import to_numpy
+from .checkpoint.atomic import atomic_directory
 from .training.loop import progress as progress_bar
 
 INDEX_FORMAT = "npflux-index"
@@ -475,9 +474,8 @@ class DocumentIndex:
         directory = Path(directory)
         if directory.exists() and not (directory / INDEX_JSON).is_file():
             raise InvalidIndexError(f"{directory} exists and is not an npflux index; not overwriting it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_sibling(directory, "tmp")
-        try:
+        # written beside its name and swapped in whole: a crash never leaves half an index (checkpoint.atomic)
+        with atomic_directory(directory, marker=INDEX_JSON, files=(INDEX_JSON, INDEX_ARRAYS)) as tmp:
             arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
             safetensors.numpy.save_file(arrays, str(tmp / INDEX_ARRAYS))
             meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "method": self.method,
@@ -486,17 +484,6 @@ class DocumentIndex:
                     "passages": [asdict(p) for p in self.passages]}
             with open(tmp / INDEX_JSON, "w", encoding="utf-8") as f:
                 json.dump(meta, f, ensure_ascii=False)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        # swap in only when complete, so a crash never leaves half an index under the name
-        old = None
-        if directory.exists():
-            old = _fresh_sibling(directory, "old")
-            os.rename(directory, old / directory.name)
-        os.rename(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @classmethod
@@ -527,18 +514,6 @@ class DocumentIndex:
         if docs is not None:
             index.check_source(docs)
         return index
-
-
-def _fresh_sibling(directory: Path, tag: str) -> Path:
-    """A new empty directory beside ``directory`` under a name no one else uses
-    (a fixed "NAME.tmp" could be a user's directory, and clearing it would lose it)."""
-    while True:
-        path = directory.parent / f".{directory.name}.{secrets.token_hex(4)}.{tag}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
 
 
 def _sha256(path) -> str:
