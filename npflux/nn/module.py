@@ -108,6 +108,17 @@ class Module:
         which is most of an AdamW step's time for a small model.
         ``zero_grad`` clears the gradient buffer in one call. Call it before
         creating the optimizer. Returns (flat_params, flat_grads).
+
+        The contract, stated here once, beside the only code that makes it:
+
+        - every parameter and every gradient is a view of one of the two
+          buffers, back to back in ``params`` order (``backend.flat_base``
+          recognises this, and ``optim`` and ``clip_grad_norm`` then work on
+          the buffer in one go; anything else takes their per-array path);
+        - code writes parameters and gradients in place (``p[...] = v``,
+          ``g += dw``) and never rebinds ``module.p[name]`` to a new array:
+          only this method does, and ``nn.convert.refresh_flat_parameters``,
+          which calls it again after layers were swapped.
         """
         owners = list(self._owners())
         total = sum(int(m.p[k].size) for m, k, _ in owners)
