@@ -87,11 +87,9 @@ def collect_activations(model, ids, names, context=None, batch_size=64, progress
     names = match_points(model, names)
     tokens, valid, start = token_windows(ids, T)
     out = {n: [] for n in names}
-    was_training = model.training
-    model.eval()
     bar = progress_bar(len(tokens), unit="windows", enabled=progress)
     try:
-        with capture(model, names) as acts:
+        with model.evaluating(), capture(model, names) as acts:
             for b in range(0, len(tokens), batch_size):
                 model.forward(model.backend.asarray(tokens[b : b + batch_size]))
                 for n in names:
@@ -99,7 +97,6 @@ def collect_activations(model, ids, names, context=None, batch_size=64, progress
                 if bar:
                     bar.update(min(batch_size, len(tokens) - b))
     finally:
-        model.train(was_training)
         if bar:
             bar.close()
     result = {n: np.concatenate(v, axis=0) for n, v in out.items()}
@@ -218,8 +215,6 @@ def spliced_loss(model, ids, name, sae, scale=1.0, context=None, batch_size=64, 
         raise ValueError(f"spliced_loss: need more than {T} tokens")
     x = np.stack([ids[i * T : i * T + T] for i in range(n)])
     y = np.stack([ids[i * T + 1 : i * T + T + 1] for i in range(n)])
-    was_training = model.training
-    model.eval()
 
     def run():
         total = 0.0
@@ -235,14 +230,12 @@ def spliced_loss(model, ids, name, sae, scale=1.0, context=None, batch_size=64, 
 
     acts, _ = residual_vectors(model, x.reshape(-1), name, context=T, batch_size=batch_size)
     mean = model.backend.asarray(acts.mean(axis=0), dtype=model.dtype)
-    try:
+    with model.evaluating():
         clean = run()
         with replace_output(model, name, reconstruct):
             spliced = run()
         with replace_output(model, name, lambda out: model.xp.broadcast_to(mean, out.shape).copy()):
             ablated = run()
-    finally:
-        model.train(was_training)
     return {"clean": clean, "spliced": spliced, "mean_ablated": ablated,
             "loss_recovered": (ablated - spliced) / (ablated - clean)}
 
