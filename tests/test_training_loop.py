@@ -81,3 +81,20 @@ def test_windows_loss_is_the_mean_over_every_predicted_token():
     assert abs(got - expected) <= 1e-12 * expected
     with pytest.raises(ValueError):
         windows_loss(model, ids[:1])
+
+
+def test_run_log_keeps_what_a_resumed_run_kept_and_appends_at_once(tmp_path):
+    import json
+
+    from npflux.training import RunLog, plot_losses
+
+    path = tmp_path / "run" / "log.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"step": 0}\n{"step": 10}\n{"step": 20}\n')  # the last line: a run that died after it
+    log = RunLog(path, kept=[{"step": 0}, {"step": 10}])
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 10]
+    log.append({"step": 20, "val_loss": 1.5})
+    assert json.loads(path.read_text().splitlines()[-1]) == {"step": 20, "val_loss": 1.5}
+    history = [{"step": s, "train_loss": 2.0 - s / 100, "val_loss": 2.1 - s / 100} for s in (0, 10, 20)]
+    assert plot_losses(history, tmp_path / "loss.png").is_file()
+    assert plot_losses([], tmp_path / "none.png") is None

@@ -14,7 +14,6 @@ checkpoint, and dropout's masks follow from (seed, step), so ``resume=True`` con
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -29,7 +28,7 @@ from ..checkpoint import GPT_KINDS, load_checkpoint, load_model, rng_from_json, 
 from ..data import get_batch
 from ..models import GPT, GPTConfig
 from ..nn.layers import reseed_dropout
-from .loop import evaluating, progress, train_step, windows_loss
+from .loop import RunLog, evaluating, plot_losses, progress, train_step, windows_loss
 
 # The published hyperparameters of each preset (the char-level gpt.py for
 # s1/s2, nanoGPT's shakespeare_char for shakespeare-n).
@@ -169,8 +168,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         state = TrainState(step=ckpt.step, **ckpt.extra["train_state"])
         log(f"resumed from {ckpt_dir} at step {state.step}")
     out.mkdir(parents=True, exist_ok=True)
-    # Log lines past the checkpoint belong to a run that did not survive.
-    _rewrite_log(log_path, state.history)
+    run_log = RunLog(log_path, kept=state.history)  # lines past the checkpoint belonged to a run that died
 
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum
     log(f"model: {model.num_parameters():,} parameters ({model.size_mb():.2f} MB), backend {backend.name}, {dtype}; "
@@ -182,8 +180,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": cfg.lr_at(min(step, cfg.max_iters)),
                  "time": time.time()}
         state.history.append(entry)
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        run_log.append(entry)
         if val_loss < state.best_val:
             state.best_val, state.evals_since_best = val_loss, 0
         else:
@@ -246,38 +243,6 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     save()
     plot_losses(state.history, out / "loss.png", log=log)
     return model, state
-
-
-def _rewrite_log(path: Path, history):
-    with open(path, "w", encoding="utf-8") as f:
-        for entry in history:
-            f.write(json.dumps(entry) + "\n")
-
-
-def plot_losses(history, path, log=print):
-    """Train and val loss against step, as a PNG (skipped with a note if matplotlib is missing)."""
-    if not history:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed; skipping the loss plot (pip install matplotlib)")
-        return None
-    steps = [e["step"] for e in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [e["train_loss"] for e in history], label="train")
-    ax.plot(steps, [e["val_loss"] for e in history], label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):

@@ -13,14 +13,16 @@ GPT, ``npflux.train_seq2seq``, ``npflux.finetune`` for LoRA, ``npflux.interp``
 for SAEs) are short loops over it that only choose their batches, what to
 evaluate and what to save. Also here, each written once: ``evaluating(model)``
 (eval mode for a block, restored even on an error), ``progress`` (the tqdm bar
-every long command shows), and ``windows_loss`` (the loss of a model over a
-token array cut into windows: the one evaluator of a text).
+every long command shows), ``RunLog`` and ``plot_losses`` (a run's log.jsonl and
+loss.png), and ``windows_loss`` (the loss of a model over a token array cut into
+windows: the one evaluator of a text).
 """
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -102,3 +104,49 @@ def windows_loss(model, ids, batch_size=16, progress_label=None):
         bar.close()
     return total / n
 
+
+class RunLog:
+    """A run's ``log.jsonl``: one JSON object per line, one line per evaluation.
+
+    ``RunLog(path, kept)`` starts the file with the entries a resumed run kept
+    (the lines past its checkpoint belong to a run that did not survive), or
+    empty; ``append(entry)`` adds a line at once, so a stopped run keeps every
+    evaluation it finished.
+    """
+
+    def __init__(self, path, kept=()):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            for entry in kept:
+                f.write(json.dumps(entry) + "\n")
+
+    def append(self, entry):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def plot_losses(history, path, log=print, keys=("train_loss", "val_loss")):
+    """The ``keys`` of each history entry against its step, as a PNG (skipped with a note without matplotlib)."""
+    if not history:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed; skipping the loss plot (pip install matplotlib)")
+        return None
+    steps = [e["step"] for e in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        ax.plot(steps, [e[key] for e in history], label=key.replace("_loss", ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

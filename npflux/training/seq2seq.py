@@ -9,7 +9,6 @@ predict target + EOS at every position at once (teacher forcing).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..backend import get_backend, resolve_dtype
 from ..checkpoint import load_seq2seq, save_seq2seq  # noqa: F401  (their home is npflux.checkpoint; old names kept)
 from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from .loop import progress as progress_bar
-from .loop import train_step
+from .loop import RunLog, train_step
 
 
 @dataclass
@@ -110,8 +109,7 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
     log(f"model: {model.num_parameters():,} parameters, backend {backend.name}, {model.dtype}; "
         f"batch {cfg.batch_size}, {cfg.max_iters} steps")
     history = []
-    log_path = out / "log.jsonl"
-    log_path.write_text("")
+    run_log = RunLog(out / "log.jsonl")
     bar = progress_bar(cfg.max_iters, enabled=cfg.progress)
     train_time = 0.0  # seconds spent in training steps (evaluations excluded)
 
@@ -119,8 +117,7 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
         accuracy, _ = exact_match(model, task.tokenizer, eval_pairs)
         entry = {"step": step, "loss": loss, "heldout_exact_match": accuracy, "train_seconds": round(train_time, 2)}
         history.append(entry)
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        run_log.append(entry)
         msg = f"step {step}: loss {loss:.4f}, held-out exact match {accuracy:.4f} ({len(eval_pairs)} greedy)"
         bar.write(msg) if bar else log(msg)
         # a checkpoint at every evaluation: a run stopped part-way keeps its last one
