@@ -42,7 +42,7 @@ def outputs(kind, model, tokenizer):
         return {"logits": model.forward(np.asarray([tokenizer.encode(PROMPT)]))[0]}
     if kind == "seq2seq":
         return {"logits": model.forward(EXPECTED["seq2seq.src"], EXPECTED["seq2seq.tgt"])[0]}
-    x_hat = model.forward(EXPECTED["sae.input"])
+    x_hat = model.forward(model.backend.asarray(EXPECTED["sae.input"]))  # (float input: on the model's device)
     return {"x_hat": x_hat, "features": model.features}
 
 

@@ -244,7 +244,9 @@ def test_integer_inputs_and_kwargs_and_grad_names():
 
 
 def test_dropout_with_a_reseeded_rng_passes():
-    fwd = lambda x: ops.dropout_forward(x, 0.4, np.random.default_rng(3))  # noqa: E731
+    from npflux.backend import backend_of
+
+    fwd = lambda x: ops.dropout_forward(x, 0.4, backend_of(x).rng(3))  # noqa: E731  (the input's device)
     assert_gradients_match(fwd, ops.dropout_backward, random_inputs({"x": (4, 5)}))
 
 
