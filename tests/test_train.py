@@ -406,3 +406,21 @@ def test_evaluate_text_short_text_and_errors(dataset):
         evaluate_text(model, tok, "the ZEBRA sat")
     with pytest.raises(ValueError, match="two tokens"):
         evaluate_text(model, tok, "t")
+
+
+def test_training_with_the_progress_bar_shows_loss_and_speed(tmp_path, capsys, dataset, monkeypatch):
+    """The bar the `npflux train` user sees (every other test trains quietly): it runs, and reports the loss."""
+    import time as real_time
+    import types
+
+    import npflux.training.gpt as gpt_mod
+
+    clock = iter(range(10**6))  # a clock a second apart per reading, so the bar's loss/speed update is due each step
+    monkeypatch.setattr(gpt_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)),
+                                                               time=real_time.time))
+    tok, train_ids, val_ids = dataset
+    model, state = train(tiny_model(tok), tiny_train(tmp_path, max_iters=12, progress=True), train_ids, val_ids,
+                         tokenizer=tok, log=quiet)
+    assert state.step == 12
+    err = capsys.readouterr().err
+    assert "12/12" in err and "loss=" in err

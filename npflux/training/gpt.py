@@ -221,7 +221,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
             reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
         micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
-        train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
+        loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
         state.step += 1
         tokens_since += tokens_per_step
 
