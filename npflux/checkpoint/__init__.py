@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from ..backend import get_backend, to_numpy
+from ..backend import get_array_module, get_backend, to_numpy
 from .atomic import atomic_directory, fsync_dir, fsync_file, previous_version
 
 FORMAT = "npflux-checkpoint"
@@ -210,6 +210,16 @@ def _write_all(tmp: Path, model_state, config, tokenizer, optimizer_state, step,
     _write_json(tmp / META_FILE, meta)
 
 
+def _check_finite(directory, arrays: dict):
+    """Refuse (CheckpointError) a model checkpoint whose arrays hold NaN or inf: the one on disk stays."""
+    for name, a in arrays.items():
+        if getattr(a, "dtype", None) is not None and a.dtype.kind in "fc":
+            xp = get_array_module(a)
+            if not bool(xp.isfinite(a).all()):
+                raise CheckpointError(f"refusing to write {directory}: {name} holds values that are not finite "
+                                      f"(NaN or inf; did training diverge?); the checkpoint already there is kept")
+
+
 def save_checkpoint(directory, model_state: dict, config, tokenizer=None, optimizer_state: dict | None = None,
                     step: int = 0, rng_state: dict | None = None, extra: dict | None = None,
                     kind: str | None = None) -> Path:
@@ -223,8 +233,9 @@ def save_checkpoint(directory, model_state: dict, config, tokenizer=None, optimi
     ``rng_state_to_json``). ``extra`` is any JSON-able dict (losses, args...).
     ``kind`` names what the checkpoint holds (a key of ``kinds.KINDS``); when
     not given it is inferred from ``config`` as for an old checkpoint, and
-    stays null when nothing matches (a checkpoint of no model kind).
-    Returns the checkpoint directory.
+    stays null when nothing matches (a checkpoint of no model kind). A
+    checkpoint of a model kind is refused (CheckpointError) when an array
+    holds NaN or inf: no loader would accept it. Returns the checkpoint directory.
     """
     from .kinds import KINDS, infer_kind
 
@@ -232,6 +243,9 @@ def save_checkpoint(directory, model_state: dict, config, tokenizer=None, optimi
         kind = infer_kind(config) if isinstance(config, dict) else None
     elif kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind is not None:  # a model no loader would accept (load_state_dict refuses NaN/inf) is never written
+        _check_finite(directory, {**model_state, **{k: v for k, v in (optimizer_state or {}).items()
+                                                  if hasattr(v, "dtype")}})
     directory = Path(directory)
     if directory.is_dir() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
         # The swap would move the whole directory away; never do that to a directory
