@@ -371,6 +371,23 @@ class SGD(_Optimizer):
 # ---------------------------------------------------------------------------
 
 
+def _grad_arrays(grads: dict) -> list:
+    arrays = list(grads.values())
+    flat = flat_base(arrays) if arrays else None
+    return [flat] if flat is not None else arrays  # all gradients in one buffer: one product, one scaling
+
+
+def global_norm(grads: dict) -> float:
+    """The L2 norm of all gradients together, as a Python float (nan or inf when a gradient is not finite)."""
+    total_sq = None
+    for g in _grad_arrays(grads):  # sum the squares on the device and synchronise once, not once per tensor
+        xp = get_array_module(g)
+        flat = g.reshape(-1)
+        sq = xp.dot(flat, flat)
+        total_sq = sq if total_sq is None else total_sq + sq
+    return 0.0 if total_sq is None else float(math.sqrt(float(total_sq)))
+
+
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most ``max_norm``.
 
@@ -384,20 +401,8 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    arrays = list(grads.values())
-    if not arrays:
-        return 0.0
-    flat = flat_base(arrays)
-    if flat is not None:  # all gradients in one buffer: one product, one scaling
-        arrays = [flat]
-    # Sum the squares on the device and synchronise once, not once per tensor.
-    total_sq = None
-    for g in arrays:
-        xp = get_array_module(g)
-        flat = g.reshape(-1)
-        sq = xp.dot(flat, flat)
-        total_sq = sq if total_sq is None else total_sq + sq
-    total = float(math.sqrt(float(total_sq)))
+    arrays = _grad_arrays(grads)
+    total = global_norm(grads)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in arrays:

@@ -1,6 +1,7 @@
 """Training: the one training step, and one short ``train()`` per workflow on top of it.
 
-    loop.py      train_step (zero_grad; forward/backward per micro-batch; clip; optimizer step),
+    loop.py      train_step (zero_grad; forward/backward per micro-batch; clip; the divergence guard;
+                 optimizer step),
                  evaluating(model), progress bars, RunLog (log.jsonl) and plot_losses (loss.png),
                  windows_loss (the one text evaluator)
     gpt.py       train(): a GPT on text, with evaluation, checkpoints, --resume, log and plot
@@ -11,6 +12,6 @@
 The old module names (``npflux.train``, ``npflux.train_seq2seq``, ``npflux.finetune``)
 are these modules, kept importable for one release.
 """
-from .loop import RunLog, evaluating, plot_losses, progress, train_step, windows_loss
+from .loop import Diverged, RunLog, evaluating, plot_losses, progress, train_step, windows_loss
 
-__all__ = ["RunLog", "evaluating", "plot_losses", "progress", "train_step", "windows_loss"]
+__all__ = ["Diverged", "RunLog", "evaluating", "plot_losses", "progress", "train_step", "windows_loss"]

@@ -25,10 +25,11 @@ import numpy as np
 from .. import optim
 from ..backend import get_backend, resolve_dtype, to_numpy
 from ..checkpoint import GPT_KINDS, load_checkpoint, load_model, rng_from_json, rng_state_to_json, save_checkpoint
+from ..checkpoint.outdir import claim_output
 from ..data import get_batch
 from ..models import GPT, GPTConfig
 from ..nn.layers import reseed_dropout
-from .loop import RunLog, evaluating, plot_losses, progress, train_step, windows_loss
+from .loop import Diverged, RunLog, evaluating, plot_losses, progress, train_step, windows_loss
 
 # The published hyperparameters of each preset (the char-level gpt.py for
 # s1/s2, nanoGPT's shakespeare_char for shakespeare-n).
@@ -84,6 +85,13 @@ class TrainConfig:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "grad_accum"):
             if getattr(self, name) < 1 and not (name == "max_iters" and self.max_iters == 0):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # nan compares false with everything: a NaN learning rate would train to NaN without one error
+        for name, ok, rule in (("learning_rate", lambda v: v >= 0, ">= 0"), ("min_lr", lambda v: v >= 0, ">= 0"),
+                               ("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_clip", lambda v: v >= 0, ">= 0"),
+                               ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)")):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name} must be a finite number {rule}, got {value}")
 
     def lr_at(self, step: int) -> float:
         if self.lr_schedule == "constant":
@@ -134,14 +142,20 @@ def model_from_checkpoint(directory, backend=None, dtype=None):
 
 
 def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, tokenizer=None, resume=False,
-          log=print):
+          log=print, overwrite=False):
     """Train a GPT on host token arrays; returns (model, TrainState). Writes into ``cfg.out_dir``.
 
     ``out_dir/ckpt`` is the latest checkpoint, ``out_dir/log.jsonl`` one JSON
-    line per evaluation, ``out_dir/loss.png`` the loss curves.
+    line per evaluation, ``out_dir/loss.png`` the loss curves. A checkpoint
+    (or log) of another run there is refused before any work unless
+    ``resume`` continues it or ``overwrite`` replaces it
+    (``npflux.checkpoint.outdir``). A non-finite loss or gradient norm stops
+    the run with ``Diverged``: nothing is saved after it, the last good
+    checkpoint stays, and log.jsonl and loss.png mark the step.
     """
     out = Path(cfg.out_dir)
     ckpt_dir, log_path = out / "ckpt", out / "log.jsonl"
+    claim = claim_output(ckpt_dir, kind="gpt", resume=resume, overwrite=overwrite, companions=[log_path], log=log)
     backend = get_backend(cfg.backend)
     dtype = resolve_dtype(cfg.dtype)
     block_size = cfg.block_size or model_config.block_size
@@ -152,13 +166,10 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     opt = make_optimizer(model, cfg)
     batch_rng = get_backend("numpy").rng(cfg.seed)
     state = TrainState()
+    saved_step = None  # the step of the checkpoint on disk that this run may fall back to
 
     if resume:
-        if not (ckpt_dir / "meta.json").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        ckpt = load_checkpoint(ckpt_dir)
-        if ckpt.kind != "gpt":
-            raise ValueError(f"--resume: {ckpt_dir} is a {ckpt.kind!r} checkpoint, not a GPT's training checkpoint")
+        ckpt = load_checkpoint(ckpt_dir)  # (after an interrupted save: the previous version, with a warning)
         saved = GPTConfig.from_dict(ckpt.config["model"])
         if saved != model_config:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
@@ -166,7 +177,9 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         opt.load_state_dict(ckpt.optimizer_state)
         batch_rng = rng_from_json(ckpt.rng_state["batch"], backend=get_backend("numpy"))
         state = TrainState(step=ckpt.step, **ckpt.extra["train_state"])
+        saved_step = ckpt.step
         log(f"resumed from {ckpt_dir} at step {state.step}")
+    claim.begin()  # every refusal is behind us: from here on the run writes
     out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(log_path, kept=state.history)  # lines past the checkpoint belonged to a run that died
 
@@ -177,6 +190,9 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     def evaluate(step):
         train_loss = estimate_loss(model, train_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 1)
         val_loss = estimate_loss(model, val_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 2)
+        for name, value in (("train", train_loss), ("validation", val_loss)):
+            if not math.isfinite(value):
+                raise Diverged(f"the {name} loss is {value:.4g}")
         entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": cfg.lr_at(min(step, cfg.max_iters)),
                  "time": time.time()}
         state.history.append(entry)
@@ -188,6 +204,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         return entry
 
     def save():
+        nonlocal saved_step
         save_checkpoint(
             ckpt_dir, model_state=model.state_dict(),
             config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg)},
@@ -199,48 +216,61 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
                                    "history": state.history}},
             kind="gpt",  # save_gpt's layout, plus what resuming needs
         )
+        saved_step = state.step
 
     has_dropout = model_config.dropout > 0
     bar = progress(cfg.max_iters, enabled=cfg.progress, initial=state.step)
     model.train()
     stopped_early = False
     t_last, tokens_since = time.perf_counter(), 0
-    while state.step < cfg.max_iters:
-        step = state.step
-        if step % cfg.eval_interval == 0 and (not state.history or state.history[-1]["step"] != step):
-            e = evaluate(step)
-            msg = f"step {step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
+    try:
+        while state.step < cfg.max_iters:
+            step = state.step
+            if step % cfg.eval_interval == 0 and (not state.history or state.history[-1]["step"] != step):
+                e = evaluate(step)
+                msg = f"step {step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
+                bar.write(msg) if bar else log(msg)
+                t_last, tokens_since = time.perf_counter(), 0  # tokens/s counts training, not evaluation
+                if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+                    log(f"early stopping at step {step}: no val improvement in {state.evals_since_best} evaluations")
+                    stopped_early = True
+                    break
+
+            opt.lr = cfg.lr_at(step)
+            if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
+                reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
+            micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
+            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
+            state.step += 1
+            tokens_since += tokens_per_step
+
+            if bar:
+                now = time.perf_counter()
+                if now - t_last > 0.5:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_since / (now - t_last):,.0f}", refresh=False)
+                    t_last, tokens_since = now, 0
+                bar.update(1)
+            if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0 and state.step < cfg.max_iters:
+                save()
+
+        if not stopped_early:
+            e = evaluate(state.step)
+            msg = f"step {state.step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
             bar.write(msg) if bar else log(msg)
-            t_last, tokens_since = time.perf_counter(), 0  # tokens/s counts training, not evaluation
-            if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
-                log(f"early stopping at step {step}: no val improvement in {state.evals_since_best} evaluations")
-                stopped_early = True
-                break
-
-        opt.lr = cfg.lr_at(step)
-        if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
-            reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
-        micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
-        loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
-        state.step += 1
-        tokens_since += tokens_per_step
-
+    except Diverged as exc:
         if bar:
-            now = time.perf_counter()
-            if now - t_last > 0.5:
-                bar.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{tokens_since / (now - t_last):,.0f}", refresh=False)
-                t_last, tokens_since = now, 0
-            bar.update(1)
-        if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0 and state.step < cfg.max_iters:
-            save()
-
-    if not stopped_early:
-        e = evaluate(state.step)
-        msg = f"step {state.step}: train loss {e['train_loss']:.4f}, val loss {e['val_loss']:.4f}"
-        bar.write(msg) if bar else log(msg)
+            bar.close()
+        entry = {"step": state.step, "diverged": str(exc), "lr": opt.lr, "time": time.time()}
+        run_log.append(entry)
+        plot_losses(state.history + [entry], out / "loss.png", log=log)
+        kept = (f"the last good checkpoint {ckpt_dir} (step {saved_step}) is kept" if saved_step is not None else
+                "no checkpoint was written" + "".join(f"; the replaced one waits in {b}" for b in claim.backups))
+        raise Diverged(f"training diverged at step {state.step}: {exc} (learning rate {opt.lr:.3g}); {kept}. "
+                       f"Lower --learning-rate, set --grad-clip or train in float32, then --resume") from None
     if bar:
         bar.close()
     save()
+    claim.complete()
     plot_losses(state.history, out / "loss.png", log=log)
     return model, state
 

@@ -6,13 +6,15 @@ sparse autoencoder)::
     zero_grad
     for each of n micro-batches:  loss = forward(batch);  backward(scale 1/n)
     clip the gradients' global norm (if asked)
+    a non-finite loss or gradient norm: stop (Diverged), the weights untouched
     optimizer step
 
 ``train_step`` is that, written once; the workflows (``npflux.train`` for a
 GPT, ``npflux.train_seq2seq``, ``npflux.finetune`` for LoRA, ``npflux.interp``
 for SAEs) are short loops over it that only choose their batches, what to
 evaluate and what to save. Also here, each written once: ``evaluating(model)``
-(eval mode for a block, restored even on an error), ``progress`` (the tqdm bar
+(eval mode for a block, restored even on an error), ``Diverged`` (what
+``train_step`` raises on a non-finite loss or gradient norm), ``progress`` (the tqdm bar
 every long command shows), ``RunLog`` and ``plot_losses`` (a run's log.jsonl and
 loss.png), and ``windows_loss`` (the loss of a model over a token array cut into
 windows: the one evaluator of a text).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,6 +39,8 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     ``model.forward(*batch)[1]``, as GPT and Seq2SeqTransformer give
     (logits, loss)); ``backward(scale)`` runs the backward pass with the loss
     multiplied by ``scale`` (default ``model.backward(loss_scale=scale)``).
+    A non-finite loss or gradient norm raises ``Diverged`` before the
+    optimizer step (the divergence guard of every workflow).
     Each micro-batch's gradient is scaled by 1/n, so n micro-batches of b
     rows give the gradient of one batch of n*b rows. ``grads`` are the
     gradients the optimizer steps with (default ``model.grads``; LoRA passes
@@ -52,9 +57,17 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     for batch in micro_batches:
         total += float(loss(batch))
         backward(scale)
-    norm = optim.clip_grad_norm(grads, grad_clip) if grad_clip > 0 else None
+    mean = total * scale
+    norm = optim.clip_grad_norm(grads, grad_clip) if grad_clip > 0 else optim.global_norm(grads)
+    if not (math.isfinite(mean) and math.isfinite(norm)):  # the divergence guard: the weights stay as they were
+        raise Diverged(f"the loss is {mean:.4g}" if not math.isfinite(mean) else f"the gradient norm is {norm:.4g}")
     optimizer.step(grads)
-    return total * scale, norm
+    return mean, (norm if grad_clip > 0 else None)
+
+
+class Diverged(ValueError):
+    """Training met a non-finite loss or gradient norm; ``train_step`` raised it before the optimizer
+    step, so the weights are the last good ones. The workflows add where it happened and what to do."""
 
 
 @contextlib.contextmanager
@@ -126,8 +139,40 @@ class RunLog:
             f.write(json.dumps(entry) + "\n")
 
 
+def diverged_step(history, keys=("train_loss", "val_loss")):
+    """The first step of ``history`` that diverged (marked ``"diverged"``, or a non-finite loss), else None."""
+    for e in history:
+        if "diverged" in e or any(not math.isfinite(e.get(k, 0.0)) for k in keys):
+            return e["step"]
+    return None
+
+
+def loss_figure(history, keys=("train_loss", "val_loss")):
+    """The matplotlib figure of ``plot_losses``: each key against the step, and a red line where training diverged
+    (matplotlib would leave a NaN point out and the curve would look healthy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(e["step"], e[key]) for e in history if key in e and math.isfinite(e[key])]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=key.replace("_loss", ""))
+    step = diverged_step(history, keys)
+    if step is not None:
+        ax.axvline(step, color="red", linestyle="--", label=f"diverged at step {step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_losses(history, path, log=print, keys=("train_loss", "val_loss")):
-    """The ``keys`` of each history entry against its step, as a PNG (skipped with a note without matplotlib)."""
+    """The ``keys`` of each history entry against its step, as a PNG (skipped with a note without matplotlib);
+    where training diverged is marked (``loss_figure``)."""
     if not history:
         return None
     try:
@@ -138,15 +183,7 @@ def plot_losses(history, path, log=print, keys=("train_loss", "val_loss")):
     except ImportError:
         log("matplotlib not installed; skipping the loss plot (pip install matplotlib)")
         return None
-    steps = [e["step"] for e in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        ax.plot(steps, [e[key] for e in history], label=key.replace("_loss", ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = loss_figure(history, keys)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -14,6 +14,7 @@ importable from here for one release.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from ..nn.convert import apply_lora, quantize_linears
 from ..nn.lora import lora_gradients, lora_parameters
 from ..nn.quant import named_buffers
 from .loop import progress as progress_bar
-from .loop import train_step
+from .loop import Diverged, train_step
 from .loop import windows_loss as _windows_loss
 
 # The block linears: fused q/k/v, attention output, both FFN matrices. GPT's lm_head is
@@ -163,8 +164,8 @@ class FinetuneConfig:
         for name in ("rank", "max_iters", "batch_size", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):  # (nan <= 0 is false)
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
 
 
 def windows_loss(model, ids, batch_size=16, progress=False):
@@ -198,8 +199,14 @@ def finetune(model, train_ids, val_ids, cfg: FinetuneConfig, log=print):
     train_time = 0.0
     for step in range(1, cfg.max_iters + 1):
         t_step = time.perf_counter()
-        loss, _ = train_step(model, opt, [get_batch(train_ids, cfg.batch_size, block, rng)], grad_clip=cfg.grad_clip,
-                             grads=grads)
+        try:
+            loss, _ = train_step(model, opt, [get_batch(train_ids, cfg.batch_size, block, rng)],
+                                 grad_clip=cfg.grad_clip, grads=grads)
+        except Diverged as exc:
+            if bar:
+                bar.close()
+            raise Diverged(f"fine-tuning diverged at step {step}: {exc} (learning rate {cfg.learning_rate:g}); "
+                           f"no adapter was written: lower --learning-rate") from None
         train_time += time.perf_counter() - t_step
         if bar:
             bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)

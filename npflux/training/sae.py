@@ -2,10 +2,12 @@
 decoder's columns kept at unit norm. The activations come from ``npflux.interp``."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .loop import progress as progress_bar
-from .loop import train_step
+from .loop import Diverged, train_step
 
 
 def train_sae(sae, x, steps, batch_size=1024, lr=1e-3, l1_warmup=0.05, seed=0, progress=False,
@@ -24,6 +26,8 @@ def train_sae(sae, x, steps, batch_size=1024, lr=1e-3, l1_warmup=0.05, seed=0, p
 
     if x.ndim != 2 or x.shape[1] != sae.config.d_in:
         raise ValueError(f"train_sae: x must be (N, {sae.config.d_in}), got {x.shape}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train_sae: lr must be a finite number > 0, got {lr}")
     if len(x) < batch_size:
         raise ValueError(f"train_sae: {len(x)} rows are fewer than one batch of {batch_size}")
     sae.p["b_dec"][...] = sae.backend.asarray(x.mean(axis=0), dtype=sae.dtype)
@@ -49,7 +53,13 @@ def train_sae(sae, x, steps, batch_size=1024, lr=1e-3, l1_warmup=0.05, seed=0, p
             sae.backward_loss(scale)
             sae.project_decoder_grad()  # decoder columns stay unit-norm: no gradient along them
 
-        train_step(sae, optimizer, [batch], loss=sae_loss, backward=sae_backward)
+        try:
+            train_step(sae, optimizer, [batch], loss=sae_loss, backward=sae_backward)
+        except Diverged as exc:
+            if bar:
+                bar.close()
+            raise Diverged(f"SAE training diverged at step {step}: {exc} (lr {lr:g}); nothing was written: "
+                           f"lower --lr") from None
         sae.normalize_decoder()
         loss, recon, l1_term = terms
         history.append((step, loss, recon, l1_term))

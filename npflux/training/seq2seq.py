@@ -18,9 +18,10 @@ import numpy as np
 from .. import optim
 from ..backend import get_backend, resolve_dtype
 from ..checkpoint import load_seq2seq, save_seq2seq  # noqa: F401  (their home is npflux.checkpoint; old names kept)
+from ..checkpoint.outdir import claim_output
 from ..models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from .loop import progress as progress_bar
-from .loop import RunLog, train_step
+from .loop import Diverged, RunLog, train_step
 
 
 @dataclass
@@ -90,16 +91,20 @@ def exact_match(model, tokenizer, pairs, beam_size=1, batch_size=256, progress=F
     return correct / max(len(pairs), 1), outputs
 
 
-def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, log=print):
+def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, log=print, overwrite=False):
     """Train on fresh batches of ``task``; returns (model, history). Writes ``out_dir/ckpt`` and ``log.jsonl``.
 
     Every ``eval_interval`` steps (and at the end) the first ``eval_size``
     held-out pairs are decoded greedily, their exact-match accuracy logged,
     and the checkpoint written (so a stopped run keeps its last evaluation's).
     The learning rate warms up linearly, then follows a cosine to ``min_lr``.
+    Another run's checkpoint or log in ``out_dir`` is refused before any work
+    unless ``overwrite`` (``npflux.checkpoint.outdir``); a non-finite loss or
+    gradient norm stops the run (``Diverged``) with the last evaluation's checkpoint kept.
     """
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim = claim_output(out / "ckpt", kind="seq2seq", overwrite=overwrite, companions=[out / "log.jsonl"],
+                         can_resume=False, log=log)
     backend = get_backend(cfg.backend)
     model = Seq2SeqTransformer(model_config, seed=cfg.seed, backend=backend, dtype=resolve_dtype(cfg.dtype))
     opt = optim.AdamW(model.params, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
@@ -109,6 +114,8 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
     log(f"model: {model.num_parameters():,} parameters, backend {backend.name}, {model.dtype}; "
         f"batch {cfg.batch_size}, {cfg.max_iters} steps")
     history = []
+    claim.begin()
+    out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(out / "log.jsonl")
     bar = progress_bar(cfg.max_iters, enabled=cfg.progress)
     train_time = 0.0  # seconds spent in training steps (evaluations excluded)
@@ -133,12 +140,20 @@ def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, lo
         t0 = time.perf_counter()
         opt.lr = optim.cosine_with_warmup(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr)
         src, tgt_in, targets = task.encode_batch(task.sample(rng, cfg.batch_size))
-        loss, _ = train_step(model, opt, [(src, tgt_in, targets)], grad_clip=cfg.grad_clip)
+        try:
+            loss, _ = train_step(model, opt, [(src, tgt_in, targets)], grad_clip=cfg.grad_clip)
+        except Diverged as exc:
+            if bar:
+                bar.close()
+            kept = f"the checkpoint of step {history[-1]['step']} is kept" if history else "no checkpoint was written"
+            raise Diverged(f"training diverged at step {step}: {exc} (learning rate {opt.lr:.3g}); {kept}: "
+                           f"lower --learning-rate") from None
         train_time += time.perf_counter() - t0
         if bar:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
     evaluate(cfg.max_iters, loss)
+    claim.complete()
     if bar:
         bar.close()
     return model, history
