@@ -16,6 +16,33 @@ def add_sampling_flags(p, temperature=0.8):
     p.add_argument("--seed", type=int, help="seed of the sampler (default: fresh randomness)")
 
 
+def _number(rule, ok):
+    """An argparse type: a float that is finite and satisfies ``ok`` (nan passes every comparison unnoticed)."""
+    import math
+    from argparse import ArgumentTypeError
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise ArgumentTypeError(f"must be a finite number{rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+finite_float = _number("", lambda v: True)
+positive_float = _number(" > 0", lambda v: v > 0)
+
+
+def add_overwrite_flag(p, what="the checkpoint there"):
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} when another run wrote it (kept as a dated backup until the new "
+                        f"checkpoint is complete)")
+
+
 def unescape(text: str) -> str:
     """Backslash escapes of a command-line string turned into characters ('\\n' -> newline); the rest kept."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")

@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from .common import add_backend_flag, print_sample
+from .common import add_backend_flag, add_overwrite_flag, finite_float, positive_float, print_sample
 
 
 def _quantize(args):
@@ -22,14 +22,15 @@ def _quantize(args):
     from ..finetune import (
         checkpoint_doc_sep, encode_for, model_size, quantize_model, save_quantized, split_text, windows_loss,
     )
+    from ..checkpoint.outdir import claim_output
     from ..train import model_from_checkpoint
 
+    out = Path(args.out or str(Path(args.checkpoint).resolve()) + "-int8")
+    claim = claim_output(out, kind="gpt-int8", overwrite=args.overwrite, inputs=[args.checkpoint], flag="--out",
+                         can_resume=False)
     model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
     if "quantization" in ckpt.config or "adapter" in ckpt.config:
         raise ValueError(f"{args.checkpoint} is already a quantized or adapter checkpoint; quantize the float model")
-    out = Path(args.out or str(Path(args.checkpoint).resolve()) + "-int8")
-    if out.resolve() == Path(args.checkpoint).resolve():
-        raise ValueError(f"--out {out} is the float checkpoint itself; writing there would replace it")
     val_ids = None
     if args.data:
         val_text = split_text(load_text(args.data), args.val_fraction, "tail")[1]
@@ -40,8 +41,10 @@ def _quantize(args):
     paths = quantize_model(model, group_size=args.group_size)
     seconds = time.perf_counter() - t0
     after = model_size(model)
+    claim.begin()
     save_quantized(out, model, ckpt.config, tokenizer=ckpt.tokenizer,
                    extra={"source_checkpoint": str(Path(args.checkpoint).resolve())})
+    claim.complete()
     result = {"checkpoint": str(args.checkpoint), "out": str(out), "group_size": args.group_size,
               "quantized_layers": len(paths), "quantize_seconds": seconds,
               "float_dtype": str(model.dtype), "size_mb_float": before["mb"], "size_mb_int8": after["mb"],
@@ -70,8 +73,13 @@ def _quantize(args):
 def _finetune(args):
     from ..data import load_text
     from ..finetune import FinetuneConfig, checkpoint_doc_sep, encode_for, finetune, save_adapter, split_text
+    from ..checkpoint.outdir import claim_output
     from ..train import model_from_checkpoint
 
+    out = Path(args.out_dir)
+    adapter_dir = out / "adapter"
+    claim = claim_output(adapter_dir, kind="gpt-lora", overwrite=args.overwrite, inputs=[args.checkpoint],
+                         companions=[out / "finetune.json"], can_resume=False)
     model, tokenizer, ckpt = model_from_checkpoint(args.checkpoint, backend=args.backend)
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer; cannot encode {args.data}")
@@ -93,11 +101,8 @@ def _finetune(args):
                          eval_interval=args.eval_interval, seed=args.seed, progress=not args.quiet)
     base_kind = "int8 (QLoRA-style)" if "quantization" in ckpt.config else str(model.dtype)
     print(f"data: {args.data} ({len(train_ids):,} train / {len(val_ids):,} val tokens, {args.val_split} split); base {base_kind}")
-    out = Path(args.out_dir)
-    adapter_dir = out / "adapter"
-    if adapter_dir.resolve() == Path(args.checkpoint).resolve():
-        raise ValueError(f"{adapter_dir} is the base checkpoint itself; pick another --out-dir")
     summary = finetune(model, train_ids, val_ids, cfg)
+    claim.begin()
     save_adapter(adapter_dir, model, args.checkpoint,
                  {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(targets), "seed": cfg.seed},
                  tokenizer=ckpt.tokenizer, train=summary["config"],
@@ -106,6 +111,7 @@ def _finetune(args):
                     "data": str(args.data), "val_split": args.val_split, "dropped_characters": dropped, "adapter": str(adapter_dir),
                     "adapter_bytes": (adapter_dir / "model.safetensors").stat().st_size})
     (out / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    claim.complete()
     before, after = summary["val_loss_before"], summary["val_loss_after"]
     print(f"val loss on the new text: {before:.4f} -> {after:.4f} ({after - before:+.4f} nats) in "
           f"{summary['train_seconds']:.1f} s of training; {summary['trainable_parameters']:,} trainable parameters "
@@ -120,6 +126,7 @@ def add_parsers(sub):
     q = sub.add_parser("quantize", help="write an int8 (weight-only) copy of a checkpoint; report size and val loss")
     q.add_argument("checkpoint", help="a checkpoint directory (e.g. out/ckpt)")
     q.add_argument("--out", help="where to write the quantized checkpoint (default: CHECKPOINT-int8)")
+    add_overwrite_flag(q, "a checkpoint already at --out")
     q.add_argument("--group-size", type=int, help="one scale per this many input rows (default: one per output channel)")
     q.add_argument("--data", help="text file to measure val loss and perplexity on, float vs int8")
     q.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of --data is the val text (default 0.1, as train)")
@@ -131,16 +138,17 @@ def add_parsers(sub):
     f.add_argument("--checkpoint", required=True, help="base checkpoint (float, or int8 from `npflux quantize` for QLoRA)")
     f.add_argument("--data", required=True, help="the new text")
     f.add_argument("--out-dir", default="out-lora", help="OUT_DIR/adapter is the adapter checkpoint (default out-lora)")
+    add_overwrite_flag(f, "OUT_DIR/adapter and finetune.json")
     f.add_argument("--lora-rank", type=int, default=8)
-    f.add_argument("--lora-alpha", type=float, help="scaling alpha / rank (default alpha = 2 * rank)")
+    f.add_argument("--lora-alpha", type=finite_float, help="scaling alpha / rank (default alpha = 2 * rank)")
     f.add_argument("--targets", default="attn.c_attn",
                    help="comma-separated module path patterns (fnmatch, suffix match), e.g. attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj; "
                         "attn.c_attn[q,v] adapts only the q and v blocks of the fused q/k/v projection")
     f.add_argument("--max-iters", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--learning-rate", type=float, default=3e-3)
-    f.add_argument("--weight-decay", type=float, default=0.0)
-    f.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    f.add_argument("--learning-rate", type=positive_float, default=3e-3)
+    f.add_argument("--weight-decay", type=finite_float, default=0.0)
+    f.add_argument("--grad-clip", type=finite_float, default=1.0, help="0 disables clipping")
     f.add_argument("--eval-interval", type=int, default=100)
     f.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of --data is held out")
     f.add_argument("--val-split", choices=["tail", "lines"], default="tail",

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_backend_flag, load_for_text
+from .common import add_backend_flag, add_overwrite_flag, finite_float, load_for_text, positive_float
 
 
 def _load_model(checkpoint, backend):
@@ -76,9 +76,12 @@ def _activations(args):
 # -- npflux sae train ------------------------------------------------------------------------
 def _sae_train(args):
     from ..capture import capture_points, match_points
+    from ..checkpoint.outdir import claim_output
     from ..interp import evaluate_sae, input_scale, residual_vectors, save_sae, spliced_loss, train_sae
     from ..models.sae import SAEConfig, SparseAutoencoder
 
+    claim = claim_output(args.out_dir, kind="sae", overwrite=args.overwrite, inputs=[args.checkpoint],
+                         can_resume=False)  # before the model is read: an error after training would lose the SAE
     model, tokenizer = _load_model(args.checkpoint, args.backend)
     text = _default_text(args.text)
     ids = _read_ids(tokenizer, text, args.skip_unknown)
@@ -116,7 +119,9 @@ def _sae_train(args):
     source = {"checkpoint": str(args.checkpoint), "point": args.point, "input_scale": scale,
               "context": args.context or model.config.block_size, "text": str(text), "tokens": int(len(ids)),
               "train_tokens": n_train}
+    claim.begin()
     save_sae(args.out_dir, sae, source, metrics)
+    claim.complete()
     print(json.dumps(metrics, indent=2))
     print(f"wrote {args.out_dir}")
 
@@ -187,15 +192,16 @@ def add_parsers(sub):
     t.add_argument("--text", help="text file (default: Tiny Shakespeare, as npflux train finds it)")
     t.add_argument("--point", default="transformer.h.2", help="a per-token capture point (default transformer.h.2: "
                    "the residual stream after the third block)")
-    t.add_argument("--out-dir", required=True)
+    t.add_argument("--out-dir", required=True, help="the SAE's checkpoint directory (new, or empty)")
+    add_overwrite_flag(t, "an SAE checkpoint already in --out-dir")
     t.add_argument("--expansion", type=int, default=8, help="features per input dimension (default 8)")
     t.add_argument("--features", type=int, help="number of features (overrides --expansion)")
-    t.add_argument("--l1", type=float, default=1.5, help="L1 coefficient, for inputs scaled to mean squared norm d "
+    t.add_argument("--l1", type=finite_float, default=1.5, help="L1 coefficient, for inputs scaled to mean squared norm d "
                    "(measured: 2 gives L0 10 on s1's transformer.h.1, 1.5 gives L0 22 on s2's transformer.h.2)")
     t.add_argument("--tied", action="store_true", help="decoder = encoder transposed")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="the end of the (--max-tokens) text, held out from the SAE for the metrics")
     t.add_argument("--max-tokens", type=_count(0), default=350_000,

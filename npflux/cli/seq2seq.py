@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_backend_flag
+from .common import add_backend_flag, add_overwrite_flag, finite_float, positive_float
 
 
 def _task(name, seed):
@@ -30,7 +30,7 @@ def _train(args):
                              learning_rate=args.learning_rate, warmup_iters=min(args.warmup_iters, args.max_iters),
                              eval_interval=args.eval_interval, seed=args.seed, dtype=args.dtype,
                              backend=args.backend, progress=not args.quiet)
-    _, history = train_seq2seq(model_config, cfg, task)
+    _, history = train_seq2seq(model_config, cfg, task, overwrite=args.overwrite)
     print(f"held-out exact match (greedy, {cfg.eval_size} examples): {history[-1]['heldout_exact_match']:.4f}; "
           f"training {history[-1]['train_seconds']:.0f} s; checkpoint {args.out_dir}/ckpt")
 
@@ -66,9 +66,10 @@ def add_parsers(subparsers):
     t.add_argument("--task", default="dates", choices=["dates"])
     t.add_argument("--task-seed", type=int, default=0, help="fixes the held-out days and examples")
     t.add_argument("--out-dir", default="out-dates")
+    add_overwrite_flag(t, "OUT_DIR/ckpt and log.jsonl")
     t.add_argument("--max-iters", type=int, default=3000)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--learning-rate", type=float, default=2e-3)
+    t.add_argument("--learning-rate", type=positive_float, default=2e-3)
     t.add_argument("--warmup-iters", type=int, default=100)
     t.add_argument("--eval-interval", type=int, default=500)
     t.add_argument("--n-embd", type=int, default=64)
@@ -76,7 +77,7 @@ def add_parsers(subparsers):
     t.add_argument("--layers", type=int, default=2, help="encoder layers = decoder layers")
     t.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal")
     t.add_argument("--shared-embeddings", action="store_true")
-    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--dropout", type=finite_float, default=0.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32")
     add_backend_flag(t)

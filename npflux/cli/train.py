@@ -4,10 +4,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .common import print_sample, unescape
+from pathlib import Path
+
+from .common import add_overwrite_flag, finite_float, positive_float, print_sample, unescape
 
 
 def _train(args):
+    from ..checkpoint.outdir import claim_output
     from ..data import download_tinyshakespeare, find_corpus, load_text, prepare_dataset
     from ..models import GPTConfig
     from ..train import TRAIN_PRESETS, TrainConfig, train
@@ -15,6 +18,20 @@ def _train(args):
     overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout", "init") if getattr(args, k) is not None}
     if args.block_size is not None:
         overrides["block_size"] = args.block_size
+    # Every check that can refuse comes before the data is read, a tokenizer trained or a step taken:
+    # the output directory, the training settings, the model's shape.
+    out = Path(args.out_dir or TrainConfig.out_dir)
+    claim_output(out / "ckpt", kind="gpt", resume=args.resume, overwrite=args.overwrite,
+                 companions=[out / "log.jsonl"])
+    tokenizer, doc_sep = _train_tokenizer(args)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = dict(TRAIN_PRESETS.get(args.preset, {}))
+    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    settings["progress"] = not args.quiet
+    settings["doc_sep"] = doc_sep
+    cfg = TrainConfig(**settings)
+    GPTConfig.from_preset(args.preset, vocab_size=1, **overrides)  # (its real vocabulary comes with the data)
+
     try:
         path = find_corpus(path=args.data)
     except FileNotFoundError:
@@ -23,22 +40,15 @@ def _train(args):
         print("downloading Tiny Shakespeare (1.1 MB, SHA-256 checked) ...")
         path = download_tinyshakespeare()
     text = load_text(path)
-    tokenizer, doc_sep = _train_tokenizer(args)
     tokenizer, train_ids, val_ids = prepare_dataset(text, tokenizer, val_fraction=args.val_fraction,
                                                     vocab_size=args.vocab_size, doc_sep=doc_sep)
     model_config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = dict(TRAIN_PRESETS.get(args.preset, {}))
-    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    settings["progress"] = not args.quiet
-    settings["doc_sep"] = doc_sep
-    cfg = TrainConfig(**settings)
     print(f"data: {path} ({len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
           f"{len(train_ids):,} train / {len(val_ids):,} val tokens)")
     if doc_sep:
         print(f"tokenizer: {tokenizer!r}, documents split at {doc_sep!r} and packed as [BOS] doc [EOS]")
-    model, state = train(model_config, cfg, train_ids, val_ids, tokenizer=tokenizer, resume=args.resume)
+    model, state = train(model_config, cfg, train_ids, val_ids, tokenizer=tokenizer, resume=args.resume,
+                         overwrite=args.overwrite)
     print(f"checkpoint: {cfg.out_dir}/ckpt   log: {cfg.out_dir}/log.jsonl   plot: {cfg.out_dir}/loss.png")
     if args.sample_tokens:
         prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n" if "\n" in text else text[0]
@@ -53,12 +63,13 @@ def _train_tokenizer(args):
     default the preset's (BPE for neuraflux, else char). BPE documents are
     split at blank lines unless --doc-sep says otherwise ('' for none).
     """
+    from ..checkpoint.outdir import find_checkpoint
     from ..train import PRESET_TOKENIZERS
 
     kind = args.tokenizer or PRESET_TOKENIZERS.get(args.preset, "char")
     doc_sep = None if args.doc_sep is None else unescape(args.doc_sep)
     ckpt_dir = os.path.join(args.out_dir or "out", "ckpt")
-    if args.resume and os.path.isfile(os.path.join(ckpt_dir, "meta.json")):
+    if args.resume and find_checkpoint(ckpt_dir) is not None:  # (also the one an interrupted save left)
         from ..checkpoint import load_checkpoint
         from ..tokenizers import load_tokenizer
 
@@ -83,6 +94,7 @@ def add_parsers(sub):
     t.add_argument("--download", action="store_true", help="download Tiny Shakespeare if no local copy is found")
     t.add_argument("--out-dir", dest="out_dir")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt exactly where it stopped")
+    add_overwrite_flag(t, "OUT_DIR/ckpt and log.jsonl")
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--tokenizer", choices=["char", "bpe"],
                    help="char, or byte-level BPE trained on the training split (default: the preset's; neuraflux: bpe)")
@@ -95,6 +107,7 @@ def add_parsers(sub):
                       ("grad_clip", float), ("grad_accum", int), ("checkpoint_interval", int),
                       ("early_stopping_patience", int), ("seed", int), ("backend", str), ("dtype", str),
                       ("n_embd", int), ("n_head", int), ("n_layer", int), ("dropout", float)]:
+        typ = positive_float if name == "learning_rate" else finite_float if typ is float else typ
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
     t.add_argument("--init", choices=["normal", "torch"],
                    help="weight init: 'torch' (PyTorch's layer defaults, as the published small models) or 'normal' (N(0, 0.02), GPT-2)")
