@@ -6,6 +6,8 @@ Where things are::
     npflux/checkpoint/atomic.py     the atomic directory writer (checkpoints and retrieval indexes)
     npflux/checkpoint/kinds.py      what a checkpoint holds: the registry of kinds (gpt, gpt-int8,
                                     gpt-lora, seq2seq, sae), each one's save and load, load_model(path)
+    npflux/checkpoint/outdir.py     may a run write its checkpoint here? claim_output, used by every
+                                    workflow that saves a model (--resume / --overwrite / refuse)
 
     model, tokenizer, ckpt = npflux.checkpoint.load_model("out/ckpt")   # a checkpoint of any kind
 
