@@ -245,6 +245,14 @@ def test_a_run_that_saves_until_it_diverges_keeps_its_last_finite_checkpoint(run
     assert f"diverged at step {saved.step}:" in err and f"(step {saved.step}) is kept" in err and saved.step > 20
 
 
+def test_a_run_that_diverges_before_its_first_checkpoint_says_how_to_start_again(trained, tmp_path, capsys):
+    data, _ = trained
+    err = fail(train_argv(data, tmp_path / "o", "--learning-rate", "1e6"), capsys)
+    assert "training diverged at step" in err and "no checkpoint was written" in err and "--overwrite" in err
+    assert not (tmp_path / "o" / "ckpt").exists()
+    assert "diverged" in json.loads((tmp_path / "o" / "log.jsonl").read_text().splitlines()[-1])
+
+
 def test_train_step_stops_on_a_non_finite_loss_or_gradient_before_stepping():
     from npflux import optim
     from npflux.training import Diverged, train_step

@@ -265,8 +265,9 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         plot_losses(state.history + [entry], out / "loss.png", log=log)
         kept = (f"the last good checkpoint {ckpt_dir} (step {saved_step}) is kept" if saved_step is not None else
                 "no checkpoint was written" + "".join(f"; the replaced one waits in {b}" for b in claim.backups))
+        again = "--resume" if saved_step is not None else "run again with --overwrite (this run's log is there)"
         raise Diverged(f"training diverged at step {state.step}: {exc} (learning rate {opt.lr:.3g}); {kept}. "
-                       f"Lower --learning-rate, set --grad-clip or train in float32, then --resume") from None
+                       f"Lower --learning-rate, set --grad-clip or train in float32, then {again}") from None
     if bar:
         bar.close()
     save()
