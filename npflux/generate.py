@@ -32,6 +32,10 @@ def filter_logits(logits, top_k=None, top_p=None):
     if top_p is not None:
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_p >= 1.0:
+            # the whole distribution: nothing to cut (the mass before the last tokens can round to 1.0
+            # and would drop them)
+            return logits
         order = xp.argsort(-logits, axis=-1)
         sorted_logits = xp.take_along_axis(logits, order, axis=-1)
         probs = xp.exp(sorted_logits - sorted_logits[:, :1])

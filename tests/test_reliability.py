@@ -415,3 +415,54 @@ def test_sae_train_refuses_a_non_empty_directory_before_reading_the_model(run, t
                capsys)
     assert "not an npflux checkpoint" in err
     assert (tmp_path / "notes" / "a.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------
+# one line per bad input, never a traceback; no silent garbage (issue 17)
+# --------------------------------------------------------------------------
+GPT_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoints" / "gpt"
+
+
+def _exit_message(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exc.value.code, err[-1] if err else ""
+
+
+@pytest.mark.parametrize("flag,value,says", [("--num-samples", "0", "whole number >= 1"),
+                                             ("--temperature", "nan", "finite number >= 0"),
+                                             ("--temperature", "-1", "finite number >= 0"),
+                                             ("--top-p", "1.5", "in (0, 1]"), ("--top-p", "nan", "in (0, 1]"),
+                                             ("--top-k", "0", "whole number >= 1")])
+def test_sample_refuses_bad_sampling_arguments_in_one_line(flag, value, says, capsys):
+    """They used to exit 0 with empty output (--num-samples 0, --temperature nan)."""
+    code, last = _exit_message(["sample", "--checkpoint", str(GPT_FIXTURE), flag, value], capsys)
+    assert code == 2 and says in last and flag in last
+
+
+def test_a_missing_cupy_is_one_line_not_a_traceback(capsys):
+    from npflux.backend import cupy_available
+
+    if cupy_available():
+        pytest.skip("CuPy and a GPU are available here")
+    code, last = _exit_message(["sample", "--checkpoint", str(GPT_FIXTURE), "--backend", "cupy"], capsys)
+    assert code == 1 and last.startswith("npflux sample: error: backend 'cupy' needs CuPy")
+
+
+def test_version(capsys):
+    import npflux
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"npflux {npflux.__version__}"
+
+
+def test_top_p_of_one_keeps_every_token():
+    """The mass before a token (cumsum(p) - p) rounds to 1.0 for the least likely ones: top_p = 1 must keep them."""
+    from npflux.generate import filter_logits
+
+    logits = np.array([[0.0, -40.0, -41.0, -42.0]])
+    assert np.array_equal(filter_logits(logits, top_p=1.0), logits)
+    kept = filter_logits(logits, top_p=0.5)
+    assert np.isfinite(kept[0, 0]) and np.isinf(kept[0, 1:]).all()  # a real nucleus still cuts

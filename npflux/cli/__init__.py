@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .. import settings
+from .. import __version__, settings
+from ..backend import BackendUnavailable
 
 COMMAND_GROUPS = ("train", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention", "interp",
                   "retrieval", "serve")
@@ -31,6 +32,7 @@ COMMAND_GROUPS = ("train", "sample", "eval", "gradcheck", "bench", "finetune", "
 
 def build_parser():
     p = argparse.ArgumentParser(prog="npflux", description="Transformer language models from scratch on NumPy/CuPy.")
+    p.add_argument("--version", action="version", version=f"npflux {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         importlib.import_module(f"{__name__}.{group}").add_parsers(sub)
@@ -43,7 +45,7 @@ def main(argv=None):
     args.from_command_line = argv is None
     try:
         args.func(args)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, BackendUnavailable) as exc:
         # Missing files, damaged checkpoints, unknown presets or characters: a one-line
         # message and exit status 1 instead of a traceback (NPFLUX_DEBUG=1 shows it).
         if settings.get("debug"):

@@ -10,9 +10,11 @@ def add_backend_flag(p):
 
 def add_sampling_flags(p, temperature=0.8):
     """--temperature, --top-k, --top-p, --seed: the sampling knobs of every command that generates."""
-    p.add_argument("--temperature", type=float, default=temperature, help=f"softmax temperature (default {temperature}; 0: greedy)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
+    p.add_argument("--temperature", type=non_negative_float, default=temperature,
+                   help=f"softmax temperature (default {temperature}; 0: greedy)")
+    p.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=unit_interval, help="sample among the most likely tokens holding this much "
+                                                       "probability, in (0, 1]; 1 keeps every token")
     p.add_argument("--seed", type=int, help="seed of the sampler (default: fresh randomness)")
 
 
@@ -35,6 +37,21 @@ def _number(rule, ok):
 
 finite_float = _number("", lambda v: True)
 positive_float = _number(" > 0", lambda v: v > 0)
+non_negative_float = _number(" >= 0", lambda v: v >= 0)
+unit_interval = _number(" in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def positive_int(text):
+    """An argparse type: a whole number >= 1."""
+    from argparse import ArgumentTypeError
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def add_overwrite_flag(p, what="the checkpoint there"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_backend_flag, add_sampling_flags, load_for_text, print_sample
+from .common import add_backend_flag, add_sampling_flags, load_for_text, positive_int, print_sample
 
 
 def _sample(args):
@@ -41,7 +41,7 @@ def add_parsers(sub):
     s.add_argument("--prompt", help="text to continue (default: a new document for BPE models, '\\n' for char)")
     s.add_argument("--max-new-tokens", type=int, default=500)
     add_sampling_flags(s, temperature=0.8)
-    s.add_argument("--num-samples", type=int, default=1, help="samples to draw (with --beam: best beams to show)")
+    s.add_argument("--num-samples", type=positive_int, default=1, help="samples to draw (with --beam: best beams to show)")
     s.add_argument("--beam", type=int, metavar="WIDTH", help="beam search of this width instead of sampling")
     s.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = log-prob / length**PENALTY (default 1: mean log-prob per token)")
