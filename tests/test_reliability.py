@@ -466,3 +466,15 @@ def test_top_p_of_one_keeps_every_token():
     assert np.array_equal(filter_logits(logits, top_p=1.0), logits)
     kept = filter_logits(logits, top_p=0.5)
     assert np.isfinite(kept[0, 0]) and np.isinf(kept[0, 1:]).all()  # a real nucleus still cuts
+
+
+@pytest.mark.parametrize("field,value", [("n_embd", "64"), ("n_layer", 2.5), ("dropout", "0.1"), ("bias", 1)])
+def test_a_meta_json_field_of_the_wrong_type_is_one_line(tmp_path, capsys, field, value):
+    """A re-typed config field (n_embd "64") used to end in a TypeError traceback deep in the model."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(GPT_FIXTURE, ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["config"]["model"][field] = value
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    code, last = _exit_message(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "2"], capsys)
+    assert code == 1 and f"GPTConfig.{field} must be" in last
