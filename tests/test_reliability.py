@@ -478,3 +478,26 @@ def test_a_meta_json_field_of_the_wrong_type_is_one_line(tmp_path, capsys, field
     (ckpt / "meta.json").write_text(json.dumps(meta))
     code, last = _exit_message(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "2"], capsys)
     assert code == 1 and f"GPTConfig.{field} must be" in last
+
+
+def test_a_safetensors_header_retyped_to_integers_is_refused_not_cast(tmp_path, capsys):
+    """F32 -> I32 in the header (the hash updated to match) used to be cast to float32 and sample garbage."""
+    import hashlib
+    import struct
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(GPT_FIXTURE, ckpt)
+    path = ckpt / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8: 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "I32"  # the same 4 bytes per value, read as integers
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the offsets stay right
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["model.safetensors"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    code, last = _exit_message(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "2"], capsys)
+    assert code == 1 and "int32, not a floating-point array" in last, last

@@ -166,8 +166,8 @@ class Module:
     def load_state_dict(self, state, strict=True):
         """Copy arrays from ``state`` into the parameters, in place, checking names, shapes and finiteness.
 
-        Values may be NumPy or CuPy arrays of any float dtype; they are cast to
-        this module's dtype and moved to its device. With ``strict``, missing
+        Values may be NumPy or CuPy arrays of any float dtype (an integer array is
+        refused); they are cast to this module's dtype and moved to its device. With ``strict``, missing
         or unexpected names are an error.
         """
         params = self.params
@@ -183,6 +183,9 @@ class Module:
             target = params[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+            if getattr(getattr(value, "dtype", None), "kind", "f") != "f":
+                # weights are floating point: integer or bool bits cast to float would be garbage, silently
+                raise ValueError(f"load_state_dict: {name} is {value.dtype}, not a floating-point array")
             value = self.backend.asarray(value, dtype=target.dtype)
             if not bool(self.xp.isfinite(value).all()):
                 raise ValueError(f"load_state_dict: {name} holds values that are not finite (NaN or inf)")
