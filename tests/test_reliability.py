@@ -501,3 +501,19 @@ def test_a_safetensors_header_retyped_to_integers_is_refused_not_cast(tmp_path, 
     (ckpt / "meta.json").write_text(json.dumps(meta))
     code, last = _exit_message(["sample", "--checkpoint", str(ckpt), "--max-new-tokens", "2"], capsys)
     assert code == 1 and "int32, not a floating-point array" in last, last
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda m: m.__setitem__("rng_state", {"batch": "garbage"}), "batch sampler state"),
+    (lambda m: m.__setitem__("extra", None), "training state"),
+    (lambda m: m.__setitem__("step", -5), "has step -5"),  # used to resume silently at step 0
+    (lambda m: m.__setitem__("step", "5"), "has step '5'"),
+], ids=["rng-garbage", "extra-null", "step-negative", "step-string"])
+def test_resume_from_a_damaged_meta_json_is_one_line(run, capsys, damage, says):
+    data, out = run
+    meta_path = out / "ckpt" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    damage(meta)
+    meta_path.write_text(json.dumps(meta))
+    err = fail(with_flag(train_argv(data, out, "--resume"), "--max-iters", "30"), capsys)
+    assert says in err and len(err.strip().splitlines()) == 1, err

@@ -306,6 +306,14 @@ def read_meta(directory) -> tuple[Path, dict]:
     return directory, meta
 
 
+def _step_of(meta, directory):
+    """meta.json's step: a whole number >= 0 (a "5" or a -5 there is damage, not a step to resume from)."""
+    step = meta.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{directory}/meta.json has step {step!r}; a step is a whole number >= 0")
+    return step
+
+
 def load_checkpoint(directory) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``, checking every file's hash.
 
@@ -335,7 +343,7 @@ def load_checkpoint(directory) -> Checkpoint:
         config=config,
         tokenizer=meta.get("tokenizer"),
         optimizer_state=optimizer_state,
-        step=int(meta.get("step", 0)),
+        step=_step_of(meta, directory),
         rng_state=meta.get("rng_state"),
         extra=meta.get("extra"),
         format_version=meta["format_version"],

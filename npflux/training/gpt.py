@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import optim
 from ..backend import get_backend, resolve_dtype, to_numpy
-from ..checkpoint import GPT_KINDS, load_checkpoint, load_model, rng_from_json, rng_state_to_json, save_checkpoint
+from ..checkpoint import GPT_KINDS, CheckpointError, load_checkpoint, load_model, rng_from_json, rng_state_to_json, save_checkpoint
 from ..checkpoint.outdir import claim_output
 from ..data import get_batch
 from ..models import GPT, GPTConfig
@@ -109,6 +109,26 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
+def _check_resume_state(ckpt, ckpt_dir):
+    """What --resume reads from meta.json beyond the arrays, checked before anything is loaded: a damaged
+    or hand-edited field is a one-line error naming it, never a traceback or a silent restart."""
+    where = f"--resume: {ckpt_dir}/meta.json"
+    if not isinstance(ckpt.step, int) or ckpt.step < 0:
+        raise CheckpointError(f"{where} has step {ckpt.step!r}; a step is a whole number >= 0")
+    if ckpt.optimizer_state is None:
+        raise CheckpointError(f"{where} holds no optimizer state: it cannot continue a run "
+                              f"(sample from it, or fine-tune it with npflux finetune)")
+    if not isinstance(ckpt.rng_state, dict) or not isinstance(ckpt.rng_state.get("batch"), dict):
+        raise CheckpointError(f"{where} has no batch sampler state (rng_state.batch) to continue from")
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else None
+    train_state = extra.get("train_state") if extra else None
+    fields = {f.name for f in dataclasses.fields(TrainState)} - {"step"}
+    if not isinstance(train_state, dict) or set(train_state) != fields:
+        raise CheckpointError(f"{where} has no training state (extra.train_state with {sorted(fields)}) to continue from")
+    if not isinstance(train_state["history"], list) or not all(isinstance(e, dict) for e in train_state["history"]):
+        raise CheckpointError(f"{where}: extra.train_state.history must be a list of log entries")
+
+
 def estimate_loss(model, data, eval_iters, batch_size, block_size, seed):
     """Mean loss over ``eval_iters`` random batches, in eval mode (no dropout).
 
@@ -173,9 +193,14 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         saved = GPTConfig.from_dict(ckpt.config["model"])
         if saved != model_config:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
+        _check_resume_state(ckpt, ckpt_dir)
         model.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
-        batch_rng = rng_from_json(ckpt.rng_state["batch"], backend=get_backend("numpy"))
+        try:
+            batch_rng = rng_from_json(ckpt.rng_state["batch"], backend=get_backend("numpy"))
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"--resume: {ckpt_dir}/meta.json has a batch sampler state that cannot be "
+                                  f"restored ({type(exc).__name__}: {exc})") from exc
         state = TrainState(step=ckpt.step, **ckpt.extra["train_state"])
         saved_step = ckpt.step
         log(f"resumed from {ckpt_dir} at step {state.step}")
