@@ -69,6 +69,8 @@ def find_corpus(name: str = TINYSHAKESPEARE_NAME, path=None, verify=None) -> Pat
     standard = name == TINYSHAKESPEARE_NAME
     if path is not None:
         found = Path(path)
+        if found.is_dir():
+            raise FileNotFoundError(f"{found} is a directory; give the text file itself (e.g. {found}/{name})")
         if not found.is_file():
             raise FileNotFoundError(f"corpus file {found} does not exist")
         is_standard = found.name == TINYSHAKESPEARE_NAME
@@ -137,8 +139,12 @@ def download_tinyshakespeare(dest=None, url: str = TINYSHAKESPEARE_URL,
 
 
 def load_text(path) -> str:
-    """A corpus file as text (UTF-8)."""
-    return Path(path).read_text(encoding="utf-8")
+    """A corpus file as text (UTF-8); a file in another encoding is an error that names it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
 
 
 # ---------------------------------------------------------------------------

@@ -517,3 +517,25 @@ def test_resume_from_a_damaged_meta_json_is_one_line(run, capsys, damage, says):
     meta_path.write_text(json.dumps(meta))
     err = fail(with_flag(train_argv(data, out, "--resume"), "--max-iters", "30"), capsys)
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--val-fraction", "0"], "--val-fraction: must be a finite number in (0, 1)"),
+    (["--vocab-size", "50"], "--vocab-size sets the BPE vocabulary"),  # was silently ignored
+    (["--dtype", "int8"], "invalid choice: 'int8'"),                   # was a TypeError traceback
+], ids=["val-fraction-0", "vocab-size-with-char", "dtype-int8"])
+def test_train_refuses_bad_arguments_before_the_work(trained, tmp_path, capsys, extra, says):
+    data, _ = trained
+    err = fail(train_argv(data, tmp_path / "o", *extra), capsys, code=2 if "--vocab-size" not in extra else 1)
+    assert says in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_errors_name_the_file_and_what_to_do(trained, tmp_path, capsys):
+    data, _ = trained
+    err = fail(train_argv(data.parent, tmp_path / "o"), capsys)  # a directory, not a file
+    assert "is a directory; give the text file itself" in err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1") * 50)
+    err = fail(train_argv(latin1, tmp_path / "o"), capsys)
+    assert f"{latin1} is not UTF-8 text" in err and "iconv" in err

@@ -6,7 +6,7 @@ import os
 
 from pathlib import Path
 
-from .common import add_overwrite_flag, finite_float, positive_float, print_sample, unescape
+from .common import add_overwrite_flag, finite_float, fraction, positive_float, positive_int, print_sample, unescape
 
 
 def _train(args):
@@ -24,6 +24,9 @@ def _train(args):
     claim_output(out / "ckpt", kind="gpt", resume=args.resume, overwrite=args.overwrite,
                  companions=[out / "log.jsonl"])
     tokenizer, doc_sep = _train_tokenizer(args)
+    if args.vocab_size is not None and tokenizer != "bpe" and type(tokenizer).__name__ != "BPETokenizer":
+        raise ValueError("--vocab-size sets the BPE vocabulary; the char tokenizer's vocabulary is the "
+                         "text's characters (add --tokenizer bpe)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = dict(TRAIN_PRESETS.get(args.preset, {}))
     settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -41,7 +44,7 @@ def _train(args):
         path = download_tinyshakespeare()
     text = load_text(path)
     tokenizer, train_ids, val_ids = prepare_dataset(text, tokenizer, val_fraction=args.val_fraction,
-                                                    vocab_size=args.vocab_size, doc_sep=doc_sep)
+                                                    vocab_size=args.vocab_size or 10_000, doc_sep=doc_sep)
     model_config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
     print(f"data: {path} ({len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
           f"{len(train_ids):,} train / {len(val_ids):,} val tokens)")
@@ -95,20 +98,23 @@ def add_parsers(sub):
     t.add_argument("--out-dir", dest="out_dir")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt exactly where it stopped")
     add_overwrite_flag(t, "OUT_DIR/ckpt and log.jsonl")
-    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--val-fraction", type=fraction, default=0.1, help="share of the text held out for validation, "
+                                                                    "in (0, 1) (default 0.1: the last tenth)")
     t.add_argument("--tokenizer", choices=["char", "bpe"],
                    help="char, or byte-level BPE trained on the training split (default: the preset's; neuraflux: bpe)")
-    t.add_argument("--vocab-size", type=int, default=10_000, help="BPE vocabulary size (default 10000)")
+    t.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary size (default 10000; BPE only)")
     t.add_argument("--doc-sep", help="BPE: split the corpus into [BOS] doc [EOS] documents here "
                                      "(escapes allowed; default '\\n\\n', blank lines; '' for one document)")
     for name, typ in [("batch_size", int), ("block_size", int), ("max_iters", int), ("eval_interval", int),
                       ("eval_iters", int), ("learning_rate", float), ("lr_schedule", str), ("warmup_iters", int),
                       ("min_lr", float), ("weight_decay", float), ("beta1", float), ("beta2", float),
                       ("grad_clip", float), ("grad_accum", int), ("checkpoint_interval", int),
-                      ("early_stopping_patience", int), ("seed", int), ("backend", str), ("dtype", str),
+                      ("early_stopping_patience", int), ("seed", int), ("backend", str),
                       ("n_embd", int), ("n_head", int), ("n_layer", int), ("dropout", float)]:
         typ = positive_float if name == "learning_rate" else finite_float if typ is float else typ
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+    t.add_argument("--dtype", choices=["float32", "float64", "float16"],
+                   help="compute dtype (default float32; float64 for checks; float16 has no loss scaling)")
     t.add_argument("--init", choices=["normal", "torch"],
                    help="weight init: 'torch' (PyTorch's layer defaults, as the published small models) or 'normal' (N(0, 0.02), GPT-2)")
     t.add_argument("--decay-matrices-only", dest="decay_matrices_only", action="store_const", const=True,
