@@ -122,7 +122,7 @@ def _sgemm(n, lib, device):
     return run
 
 
-def _profile_cuda(step, lib):
+def _profile_cuda(step):
     """Kernels launched and CUDA runtime calls of one step, through PyTorch's CUPTI profiler.
 
     CUPTI records every kernel of the process, CuPy's as well as PyTorch's.
@@ -230,7 +230,7 @@ def main(argv=None):
         times.append(time.perf_counter() - t0)
     gc.enable()
     if args.profile and args.device == "cuda":
-        info["profile"] = _profile_cuda(step, args.lib)
+        info["profile"] = _profile_cuda(step)
     info["blas"] = _blas_info()
     info["times_s"] = times
     info["median_s"] = statistics.median(times)

@@ -304,20 +304,8 @@ def sequence_logprob(model, idx, continuation):
     return float(total)
 
 
-def _generate_method(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, use_cache=True,
-                     eos_id=None):
-    """idx (B, T) with up to ``max_new_tokens`` sampled tokens appended (see npflux.generate.generate)."""
-    return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    seed=seed, use_cache=use_cache, eos_id=eos_id)
-
-
-def _beam_search_method(self, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0, eos_id=None, use_cache=True):
-    """(sequences, scores) of the best ``beam_width`` continuations of one prompt (see npflux.generate.beam_search)."""
-    return beam_search(self, idx, beam_width=beam_width, max_new_tokens=max_new_tokens,
-                       length_penalty=length_penalty, eos_id=eos_id, use_cache=use_cache)
-
-
-# GPT's decoding methods live here, with the decoding they call. The models sit below this module
-# and never import it; ``import npflux`` loads this module, so every GPT has them.
-GPT.generate = _generate_method
-GPT.beam_search = _beam_search_method
+# GPT's decoding methods are these functions (their first argument is the model, so they bind as
+# methods): the models sit below this module and never import it; ``import npflux`` loads this module,
+# so every GPT has them.
+GPT.generate = generate
+GPT.beam_search = beam_search

@@ -39,14 +39,22 @@ def close(a, b, dtype):
 
 
 @contextlib.contextmanager
-def split_over(threads):
-    """Run whole (1) or split over worker threads with chunks forced small (3)."""
-    saved = parallel._NUM_THREADS, parallel._MIN_SPLIT_ELEMENTS
-    parallel._NUM_THREADS, parallel._MIN_SPLIT_ELEMENTS = threads, 1
+def patched(module, **values):
+    """Module-level settings of ``module`` set for a block and put back after (hypothesis reuses fixtures,
+    so monkeypatch cannot scope them per example)."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        parallel._NUM_THREADS, parallel._MIN_SPLIT_ELEMENTS = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def split_over(threads):
+    """Run whole (1) or split over worker threads with chunks forced small (3)."""
+    return patched(parallel, _NUM_THREADS=threads, _MIN_SPLIT_ELEMENTS=1)
 
 
 threads_param = pytest.mark.parametrize("threads", [1, 3])
@@ -139,17 +147,11 @@ def test_textbook_ops_pass_the_numerical_gradient_check(name):
     assert max(errs.values()) < 1e-7, errs
 
 
-@contextlib.contextmanager
 def small_causal_blocks(block):
     """The block-causal path at test sizes: blocks of ``block`` rows from T = 2 on."""
     from npflux.ops import attention
 
-    saved = attention._CAUSAL_BLOCK, attention._BLOCK_CAUSAL_MIN
-    attention._CAUSAL_BLOCK, attention._BLOCK_CAUSAL_MIN = block, 2
-    try:
-        yield
-    finally:
-        attention._CAUSAL_BLOCK, attention._BLOCK_CAUSAL_MIN = saved
+    return patched(attention, _CAUSAL_BLOCK=block, _BLOCK_CAUSAL_MIN=2)
 
 
 @threads_param

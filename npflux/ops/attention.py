@@ -81,18 +81,17 @@ def attention_forward(q, k, v, causal=False, mask=None):
         _masked_softmax_(xp, w, _rows_of(blocked, rows), may_be_empty=mask is not None or Tq > Tk)
         xp.matmul(w, v[rows], out=out[rows])
 
-    block = _causal_block(xp, Tq, Tk, causal, mask)
-    if block:
-        def chunk(rows):  # noqa: F811  (the same, skipping the blocks above the diagonal)
-            for q0, q1 in _spans(Tq, block):
-                s = xp.matmul(q[rows, :, q0:q1], k_t[rows, :, :, :q1])  # (r, H, q1 - q0, q1)
-                s[..., q0:] += bias[q0:q1, q0:q1]
-                _masked_softmax_(xp, s, None, may_be_empty=False)
-                weights[rows, :, q0:q1, :q1] = s
-                weights[rows, :, q0:q1, q1:] = 0
-                xp.matmul(s, v[rows, :, :q1], out=out[rows, :, q0:q1])
+    def block_causal_chunk(rows):  # the same, skipping the blocks above the diagonal
+        for q0, q1 in _spans(Tq, block):
+            s = xp.matmul(q[rows, :, q0:q1], k_t[rows, :, :, :q1])  # (r, H, q1 - q0, q1)
+            s[..., q0:] += bias[q0:q1, q0:q1]
+            _masked_softmax_(xp, s, None, may_be_empty=False)
+            weights[rows, :, q0:q1, :q1] = s
+            weights[rows, :, q0:q1, q1:] = 0
+            xp.matmul(s, v[rows, :, :q1], out=out[rows, :, q0:q1])
 
-    parallel_map(chunk, _batch_chunks(xp, weights))
+    block = _causal_block(xp, Tq, Tk, causal, mask)
+    parallel_map(block_causal_chunk if block else chunk, _batch_chunks(xp, weights))
     return out, (q, k, v, weights, scale, block)
 
 
@@ -211,23 +210,22 @@ def attention_backward(dout, cache, out=None):
         xp.matmul(dscores, k[rows], out=dq[rows])
         xp.matmul(dscores.swapaxes(-1, -2), q[rows], out=dk[rows])
 
-    T = weights.shape[-1]
-    if block:
-        def chunk(rows):  # noqa: F811  (the same, skipping the blocks above the diagonal, where P = dS = 0)
-            P = weights[rows]
-            dS = xp.empty_like(P)  # only the blocks on and below the diagonal are written and read
-            for q0, q1 in _spans(T, block):          # by query block: dS and dq
-                Pi = P[:, :, q0:q1, :q1]
-                d = dout[rows, :, q0:q1] @ v[rows, :, :q1].swapaxes(-1, -2)
-                d -= _row_sum(d * Pi, xp)
-                d *= Pi
-                dS[:, :, q0:q1, :q1] = d
-                xp.matmul(d, k[rows, :, :q1], out=dq[rows, :, q0:q1])
-            for k0, k1 in _spans(T, block):          # by key block: the queries from k0 on see it
-                xp.matmul(P[:, :, k0:, k0:k1].swapaxes(-1, -2), dout[rows, :, k0:], out=dv[rows, :, k0:k1])
-                xp.matmul(dS[:, :, k0:, k0:k1].swapaxes(-1, -2), q[rows, :, k0:], out=dk[rows, :, k0:k1])
+    def block_causal_chunk(rows):  # the same, skipping the blocks above the diagonal, where P = dS = 0
+        T = weights.shape[-1]
+        P = weights[rows]
+        dS = xp.empty_like(P)  # only the blocks on and below the diagonal are written and read
+        for q0, q1 in _spans(T, block):          # by query block: dS and dq
+            Pi = P[:, :, q0:q1, :q1]
+            d = dout[rows, :, q0:q1] @ v[rows, :, :q1].swapaxes(-1, -2)
+            d -= _row_sum(d * Pi, xp)
+            d *= Pi
+            dS[:, :, q0:q1, :q1] = d
+            xp.matmul(d, k[rows, :, :q1], out=dq[rows, :, q0:q1])
+        for k0, k1 in _spans(T, block):          # by key block: the queries from k0 on see it
+            xp.matmul(P[:, :, k0:, k0:k1].swapaxes(-1, -2), dout[rows, :, k0:], out=dv[rows, :, k0:k1])
+            xp.matmul(dS[:, :, k0:, k0:k1].swapaxes(-1, -2), q[rows, :, k0:], out=dk[rows, :, k0:k1])
 
-    parallel_map(chunk, _batch_chunks(xp, weights))
+    parallel_map(block_causal_chunk if block else chunk, _batch_chunks(xp, weights))
     # scale goes on the smaller q/k side
     dq *= scale
     dk *= scale
