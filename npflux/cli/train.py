@@ -6,7 +6,7 @@ import os
 
 from pathlib import Path
 
-from .common import add_overwrite_flag, finite_float, fraction, positive_float, positive_int, print_sample, unescape
+from .common import add_backend_flag, add_overwrite_flag, finite_float, fraction, positive_float, positive_int, print_sample, unescape
 
 
 def _train(args):
@@ -90,12 +90,41 @@ def _train_tokenizer(args):
     return kind, doc_sep or None
 
 
+# (flag, type, help) of the training settings; the defaults named are TrainConfig's or the preset's.
+_TRAINING_FLAGS = [
+    ("batch_size", int, "sequences per step (default 16, or the preset's)"),
+    ("block_size", int, "context length in tokens (default: the model's)"),
+    ("max_iters", int, "the step training ends at (with --resume: counted from 0, so beyond the checkpoint's step)"),
+    ("eval_interval", int, "steps between evaluations and log lines (default 100)"),
+    ("eval_iters", int, "batches per evaluation of train and val loss (default 200)"),
+    ("learning_rate", float, "peak learning rate (default 1e-3)"),
+    ("lr_schedule", str, "'constant' or 'cosine (linear warmup, cosine decay to --min-lr) (default constant)"),
+    ("warmup_iters", int, "cosine: warmup steps (default 100)"),
+    ("min_lr", float, "cosine: the floor (default learning rate / 10)"),
+    ("weight_decay", float, "AdamW weight decay (default 0.01)"),
+    ("beta1", float, "AdamW beta1 (default 0.9)"),
+    ("beta2", float, "AdamW beta2 (default 0.999)"),
+    ("grad_clip", float, "clip the global gradient norm to this (default 0: off)"),
+    ("grad_accum", int, "micro-batches accumulated per step (default 1)"),
+    ("checkpoint_interval", int, "steps between checkpoints (default 1000; 0: only at the end)"),
+    ("early_stopping_patience", int, "evaluations without a better val loss before stopping (default 0: off)"),
+    ("seed", int, "seed for initialisation, batches and dropout (default 1337)"),
+    ("n_embd", int, "model width (default: the preset's)"),
+    ("n_head", int, "attention heads (default: the preset's)"),
+    ("n_layer", int, "transformer blocks (default: the preset's)"),
+    ("dropout", float, "dropout probability (default: the preset's)"),
+]
+
+
 def add_parsers(sub):
+    from ..models import PRESETS
+
     t = sub.add_parser("train", help="train a GPT on a text file (Tiny Shakespeare by default)")
-    t.add_argument("--preset", default="shakespeare-s1", help="model preset (default shakespeare-s1)")
+    t.add_argument("--preset", default="shakespeare-s1", choices=sorted(PRESETS), metavar="PRESET",
+                   help="model and recipe preset (default shakespeare-s1): " + ", ".join(sorted(PRESETS)))
     t.add_argument("--data", help="text file (default: $NPFLUX_DATA_DIR/tinyshakespeare.txt or data/shakespeare_char/input.txt)")
     t.add_argument("--download", action="store_true", help="download Tiny Shakespeare if no local copy is found")
-    t.add_argument("--out-dir", dest="out_dir")
+    t.add_argument("--out-dir", dest="out_dir", help="where ckpt/, log.jsonl and loss.png go (default out)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt exactly where it stopped")
     add_overwrite_flag(t, "OUT_DIR/ckpt and log.jsonl")
     t.add_argument("--val-fraction", type=fraction, default=0.1, help="share of the text held out for validation, "
@@ -105,14 +134,10 @@ def add_parsers(sub):
     t.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary size (default 10000; BPE only)")
     t.add_argument("--doc-sep", help="BPE: split the corpus into [BOS] doc [EOS] documents here "
                                      "(escapes allowed; default '\\n\\n', blank lines; '' for one document)")
-    for name, typ in [("batch_size", int), ("block_size", int), ("max_iters", int), ("eval_interval", int),
-                      ("eval_iters", int), ("learning_rate", float), ("lr_schedule", str), ("warmup_iters", int),
-                      ("min_lr", float), ("weight_decay", float), ("beta1", float), ("beta2", float),
-                      ("grad_clip", float), ("grad_accum", int), ("checkpoint_interval", int),
-                      ("early_stopping_patience", int), ("seed", int), ("backend", str),
-                      ("n_embd", int), ("n_head", int), ("n_layer", int), ("dropout", float)]:
+    for name, typ, help_text in _TRAINING_FLAGS:
         typ = positive_float if name == "learning_rate" else finite_float if typ is float else typ
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_text)
+    add_backend_flag(t)
     t.add_argument("--dtype", choices=["float32", "float64", "float16"],
                    help="compute dtype (default float32; float64 for checks; float16 has no loss scaling)")
     t.add_argument("--init", choices=["normal", "torch"],
