@@ -192,8 +192,19 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         ckpt = load_checkpoint(ckpt_dir)  # (after an interrupted save: the previous version, with a warning)
         saved = GPTConfig.from_dict(ckpt.config["model"])
         if saved != model_config:
-            raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
+            differing = ", ".join(f"{f.name} {getattr(saved, f.name)!r} (asked: {getattr(model_config, f.name)!r})"
+                                  for f in dataclasses.fields(saved)
+                                  if getattr(saved, f.name) != getattr(model_config, f.name))
+            raise ValueError(f"--resume: the checkpoint's model differs from the one asked for in {differing}; "
+                             f"resume with the checkpoint's settings, or train into another --out-dir")
         _check_resume_state(ckpt, ckpt_dir)
+        if cfg.max_iters < ckpt.step:  # (training would stop at once and write the checkpoint back as if it ran)
+            raise ValueError(f"--resume: {ckpt_dir} is at step {ckpt.step}, beyond --max-iters {cfg.max_iters}; "
+                             f"--max-iters counts from step 0: pass a number above {ckpt.step} to train on")
+        if cfg.max_iters == ckpt.step:
+            log(f"{ckpt_dir} is already at step {ckpt.step} = --max-iters: nothing to train, nothing written")
+            model.load_state_dict(ckpt.model_state)
+            return model, TrainState(step=ckpt.step, **ckpt.extra["train_state"])
         model.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
         try:
@@ -301,7 +312,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     return model, state
 
 
-def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
+def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None, progress=False):
     """Loss (nats/token), perplexity and bits per character of ``text``.
 
     The text is tokenized as training saw it (``npflux.data.pack_documents``:
@@ -312,7 +323,7 @@ def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
     the total loss in bits by the number of characters of the text those
     predicted tokens stand for (``npflux.data.count_chars``: an [EOS] counts
     as the separator it replaced), so models with different tokenizers can be
-    compared on the same text.
+    compared on the same text. ``progress``: a bar over the batches on stderr.
     """
     import numpy as _host  # host-side token ids only
 
@@ -325,7 +336,7 @@ def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
         raise ValueError("evaluate_text: the text must hold at least two tokens")
     T = min(model.config.block_size, len(ids) - 1)
     n_windows = (len(ids) - 1) // T
-    mean = windows_loss(model, ids, batch_size)  # every window holds T predicted tokens: the per-token mean
+    mean = windows_loss(model, ids, batch_size, progress_label="eval" if progress else None)  # every window holds T predicted tokens: the per-token mean
     total_tokens = n_windows * T
     total_loss = mean * total_tokens
     predicted = ids[1 : n_windows * T + 1]
