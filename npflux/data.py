@@ -13,6 +13,7 @@ caught before anyone trains on it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import tempfile
@@ -99,6 +100,10 @@ def find_corpus(name: str = TINYSHAKESPEARE_NAME, path=None, verify=None) -> Pat
     return found
 
 
+class DownloadError(OSError):
+    """A corpus could not be fetched (no network, an HTTP error, a cut connection)."""
+
+
 def download_tinyshakespeare(dest=None, url: str = TINYSHAKESPEARE_URL,
                              sha256: str = TINYSHAKESPEARE_SHA256, timeout: float = 60.0) -> Path:
     """Download Tiny Shakespeare to ``dest`` and check its SHA-256.
@@ -121,10 +126,17 @@ def download_tinyshakespeare(dest=None, url: str = TINYSHAKESPEARE_URL,
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            for chunk in iter(lambda: response.read(1 << 16), b""):
-                h.update(chunk)
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+            except (OSError, http.client.HTTPException) as exc:  # offline, DNS, timeout, HTTP error, cut short
+                reason = getattr(exc, "reason", None) or exc
+                raise DownloadError(f"could not download {url} ({reason}); nothing was written to {dest}. "
+                                    f"Copy the file there yourself, or point NPFLUX_DATA_DIR at a folder "
+                                    f"holding {TINYSHAKESPEARE_NAME}") from None
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != sha256:
