@@ -238,6 +238,8 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
     if max_new_tokens == 0:
         return [prompt.copy()], [0.0]
     k, alpha = int(beam_width), float(length_penalty)
+    if not -10 <= alpha <= 10:  # (beyond, n ** alpha overflows for long outputs; nan fails this too)
+        raise ValueError(f"length_penalty must be a number in [-10, 10], got {length_penalty}")
 
     def score(logp, n_new):
         return logp / n_new ** alpha
