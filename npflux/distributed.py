@@ -296,17 +296,17 @@ def launched_ranks():
     return settings.get("mpi_ranks")
 
 
-def world(backend_name: str = "numpy", require: bool = False) -> Communicator:
+def world(backend_name: str = "numpy", require: str | None = None) -> Communicator:
     """The communicator of this job: MPI's world when an MPI launcher started us, else ``LOCAL``.
 
-    ``require``: running outside ``mpiexec`` is an error (for options that only
-    make sense across ranks). On the GPU (``backend_name="cupy"``) the
-    collectives go through NCCL.
+    ``require`` names an option that only makes sense across ranks (``"--zero 1"``):
+    outside ``mpiexec`` it is then a one-line error. On the GPU
+    (``backend_name="cupy"``) the collectives go through NCCL.
     """
-    ranks = launched_ranks()
-    if ranks is None:
+    if launched_ranks() is None:
         if require:
-            raise DistributedUnavailable(f"this needs several MPI ranks: run under mpiexec -n N ({INSTALL})")
+            raise DistributedUnavailable(f"{require} works across MPI ranks: run under mpiexec -n N "
+                                         f"(installed by {INSTALL})")
         return LOCAL
     mpi = MPICommunicator()
     return NCCLCommunicator(mpi) if backend_name == "cupy" and mpi.size > 1 else mpi

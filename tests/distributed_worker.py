@@ -31,7 +31,7 @@ def corpus(n=6000, vocab=23, seed=0):
 
 
 def main(spec):
-    comm = distributed.world()
+    comm = distributed.world(spec.get("backend") or "numpy")  # (cupy: NCCL between the GPUs)
     parallel = distributed.DataParallel(comm, zero=spec.get("zero", 0), overlap=spec.get("overlap", True),
                                         bucket_mb=spec.get("bucket_mb", 0.004))
     ids = corpus()
