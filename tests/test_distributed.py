@@ -322,21 +322,36 @@ def test_a_failing_rank_stops_the_job_and_the_last_checkpoint_loads(tmp_path, ho
     assert len(json.loads((tmp_path / "losses.json").read_text())["losses"]) == 20
 
 
+def npflux_train(tmp_path, n, *flags):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question.\n" * 60, encoding="utf-8")
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "npflux.cli", "train", "--data", str(corpus),
+           "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "6",
+           "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "2", "--quiet", "--sample-tokens", "0",
+           "--out-dir", str(tmp_path / "out"), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+
+
 @needs_mpi
 def test_mpiexec_npflux_train_end_to_end(tmp_path):
     """The command itself: rank 0 alone prints and writes log.jsonl (one line per evaluation)."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("to be or not to be, that is the question.\n" * 60, encoding="utf-8")
-    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "npflux.cli", "train", "--data", str(corpus),
-           "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "6",
-           "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "2", "--quiet", "--sample-tokens", "0",
-           "--out-dir", str(tmp_path / "out"), "--zero", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    proc = npflux_train(tmp_path, 2, "--zero", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("data parallel: 2 ranks") == 1
     lines = (tmp_path / "out" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 2, 4]
     assert (tmp_path / "out" / "loss.png").is_file()
+
+
+@needs_mpi
+def test_a_diverged_run_on_ranks_says_so_once_and_marks_the_log(tmp_path):
+    """Divergence is the same on every rank (the loss is summed over them): not a failure of one rank, no
+    abort; rank 0 writes the mark in log.jsonl and gives the one-process message, once."""
+    proc = npflux_train(tmp_path, 2, "--learning-rate", "1e30")
+    assert proc.returncode == 1
+    assert proc.stderr.count("error: training diverged at step") == 1
+    assert "MPI_Abort" not in proc.stderr and "failed" not in proc.stderr
+    assert "diverged" in (tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1]
 
 
 @needs_mpi

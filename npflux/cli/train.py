@@ -17,8 +17,13 @@ def _train(args):
 
     comm = world(get_backend(args.backend).name, require="--zero 1" if args.zero else None)
     parallel = DataParallel(comm, zero=args.zero, overlap=args.overlap, bucket_mb=args.bucket_mb)
-    with stop_all_on_error(comm, collective=(Diverged,)):
-        _train_on(args, parallel)
+    try:
+        with stop_all_on_error(comm, collective=(Diverged,)):
+            _train_on(args, parallel)
+    except Diverged:
+        if comm.rank != 0:  # raised on every rank alike: rank 0 says it, the others just stop
+            raise SystemExit(1) from None
+        raise
 
 
 def _train_on(args, parallel):
