@@ -364,6 +364,12 @@ class DataParallel:
         if not (self.bucket_mb > 0 and math.isfinite(self.bucket_mb)):
             raise ValueError(f"bucket_mb must be a finite number > 0, got {self.bucket_mb}")
 
+    def describe(self) -> str:
+        """How the gradients travel, in words (for the run's log)."""
+        if self.zero:
+            return "reduce-scattered, AdamW sharded (ZeRO-1)"
+        return "all-reduced in buckets during the backward" if self.overlap else "all-reduced after the backward"
+
 
 class GradientSync:
     """What ``train_step`` asks of the ranks: its share of the batch, and the gradients made whole.

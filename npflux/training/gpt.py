@@ -10,6 +10,10 @@
 Everything that decides what happens next (weights, AdamW moments, step,
 the batch sampler's random state, the early-stopping record) is in the
 checkpoint, and dropout's masks follow from (seed, step), so ``resume=True`` continues exactly where it stopped.
+
+Under ``mpiexec -n N`` (``parallel``, ``npflux.distributed``) every rank runs
+this same loop on its rows of each batch; ``train_step``'s ``sync`` hook sums
+the gradients over the ranks, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -254,9 +258,7 @@ def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, over
         f"{tokens_per_step} tokens per step")
     if comm.size > 1:
         log(f"data parallel: {comm.size} ranks ({comm.name}), {rows[1] - rows[0]} rows of the batch of "
-            f"{cfg.batch_size} on rank 0, gradients " + ("reduce-scattered, AdamW sharded (ZeRO-1)" if parallel.zero
-                                                         else "all-reduced in buckets during the backward"
-                                                         if parallel.overlap else "all-reduced after the backward"))
+            f"{cfg.batch_size} on rank 0, gradients {parallel.describe()}")
     if isinstance(opt, ZeroAdamW):
         mine, whole = opt.moment_bytes()
         log(f"ZeRO-1: AdamW moments {mine / 1e6:.2f} MB on rank 0 (unsharded: {whole / 1e6:.2f} MB per rank)")
