@@ -330,13 +330,20 @@ def load_prepared_dataset(out_dir):
     return load_tokenizer(meta["tokenizer"]), splits[0], splits[1], meta
 
 
-def get_batch(data, batch_size: int, block_size: int, rng):
+def get_batch(data, batch_size: int, block_size: int, rng, rows=None):
     """A random batch of ``batch_size`` windows of ``block_size`` tokens.
 
     ``x[b] = data[i:i+block_size]`` and ``y[b] = data[i+1:i+1+block_size]``
     (the next token at every position) for a random offset ``i`` drawn from
     ``rng`` (a ``numpy.random.Generator``), uniformly over every window that
     fits, like nanoGPT. Returns host int64 arrays of shape (batch_size, block_size).
+
+    ``rows=(start, stop)``: only those rows of the batch (a data-parallel
+    rank's share, ``distributed.shard_range``). Every offset of the whole
+    batch is still drawn, so the generator moves on exactly as for the whole
+    batch: N ranks with the same generator state together hold exactly the
+    batch one process draws, and the state a checkpoint stores is that of the
+    global batch, whatever the number of ranks.
     """
     if batch_size < 1 or block_size < 1:
         raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
@@ -345,6 +352,8 @@ def get_batch(data, batch_size: int, block_size: int, rng):
         raise ValueError(f"data has {n} tokens; a batch with block_size={block_size} needs at least "
                          f"{block_size + 1} (inputs plus one target)")
     offsets = rng.integers(0, n - block_size, size=batch_size)
+    if rows is not None:
+        offsets = offsets[rows[0]: rows[1]]
     # One gather of (block_size + 1)-token windows gives both x and the shifted y.
     windows = np.asarray(data)[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64)
     x = np.ascontiguousarray(windows[:, :-1])

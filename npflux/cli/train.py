@@ -10,10 +10,30 @@ from .common import add_backend_flag, add_overwrite_flag, finite_float, fraction
 
 
 def _train(args):
+    """``npflux train``; under ``mpiexec -n N``, every rank runs this, data-parallel (``npflux.distributed``)."""
+    from ..backend import get_backend
+    from ..distributed import DataParallel, stop_all_on_error, world
+    from ..training.loop import Diverged
+
+    comm = world(get_backend(args.backend).name, require="--zero 1" if args.zero else None)
+    parallel = DataParallel(comm, zero=args.zero, overlap=args.overlap, bucket_mb=args.bucket_mb)
+    try:
+        with stop_all_on_error(comm, collective=(Diverged,)):
+            _train_on(args, parallel)
+    except Diverged:
+        if comm.rank != 0:  # raised on every rank alike: rank 0 says it, the others just stop
+            raise SystemExit(1) from None
+        raise
+
+
+def _train_on(args, parallel):
     from ..checkpoint.outdir import claim_output
     from ..data import download_tinyshakespeare, find_corpus, load_text, prepare_dataset
     from ..models import GPTConfig
     from ..train import TRAIN_PRESETS, TrainConfig, train
+
+    lead = parallel.comm.rank == 0
+    say = print if lead else (lambda *a, **k: None)  # one voice per job: rank 0's
 
     overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout", "init") if getattr(args, k) is not None}
     if args.block_size is not None:
@@ -21,8 +41,9 @@ def _train(args):
     # Every check that can refuse comes before the data is read, a tokenizer trained or a step taken:
     # the output directory, the training settings, the model's shape.
     out = Path(args.out_dir or TrainConfig.out_dir)
-    claim_output(out / "ckpt", kind="gpt", resume=args.resume, overwrite=args.overwrite,
-                 companions=[out / "log.jsonl"])
+    if lead:  # (the other ranks would race rank 0's writes; rank 0 refusing stops them all)
+        claim_output(out / "ckpt", kind="gpt", resume=args.resume, overwrite=args.overwrite,
+                     companions=[out / "log.jsonl"])
     tokenizer, doc_sep = _train_tokenizer(args)
     if args.vocab_size is not None and tokenizer != "bpe" and type(tokenizer).__name__ != "BPETokenizer":
         raise ValueError("--vocab-size sets the BPE vocabulary; the char tokenizer's vocabulary is the "
@@ -40,20 +61,20 @@ def _train(args):
     except FileNotFoundError:
         if not args.download or args.data:
             raise
-        print("downloading Tiny Shakespeare (1.1 MB, SHA-256 checked) ...")
+        say("downloading Tiny Shakespeare (1.1 MB, SHA-256 checked) ...")
         path = download_tinyshakespeare()
     text = load_text(path)
     tokenizer, train_ids, val_ids = prepare_dataset(text, tokenizer, val_fraction=args.val_fraction,
                                                     vocab_size=args.vocab_size or 10_000, doc_sep=doc_sep)
     model_config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
-    print(f"data: {path} ({len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
+    say(f"data: {path} ({len(text):,} characters, vocabulary {tokenizer.vocab_size}, "
           f"{len(train_ids):,} train / {len(val_ids):,} val tokens)")
     if doc_sep:
-        print(f"tokenizer: {tokenizer!r}, documents split at {doc_sep!r} and packed as [BOS] doc [EOS]")
+        say(f"tokenizer: {tokenizer!r}, documents split at {doc_sep!r} and packed as [BOS] doc [EOS]")
     model, state = train(model_config, cfg, train_ids, val_ids, tokenizer=tokenizer, resume=args.resume,
-                         overwrite=args.overwrite)
-    print(f"checkpoint: {cfg.out_dir}/ckpt   log: {cfg.out_dir}/log.jsonl   plot: {cfg.out_dir}/loss.png")
-    if args.sample_tokens:
+                         overwrite=args.overwrite, log=say, parallel=parallel)
+    say(f"checkpoint: {cfg.out_dir}/ckpt   log: {cfg.out_dir}/log.jsonl   plot: {cfg.out_dir}/loss.png")
+    if args.sample_tokens and lead:
         prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n" if "\n" in text else text[0]
         print_sample(model, tokenizer, prompt, args.sample_tokens, temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
 
@@ -146,4 +167,12 @@ def add_parsers(sub):
                    help="weight decay on matrices only (nanoGPT's grouping)")
     t.add_argument("--sample-tokens", type=int, default=300, help="print a sample of this many tokens at the end (0: none)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    # data parallel, under mpiexec -n N (docs/distributed.md); --batch-size is the global batch
+    t.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                   help="1: shard AdamW's moments over the MPI ranks (ZeRO stage 1); needs mpiexec")
+    t.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="all-reduce the gradients after the backward in one call (the reference), "
+                        "not in buckets during it")
+    t.add_argument("--bucket-mb", type=positive_float, default=1.0,
+                   help="size of the gradient buckets all-reduced during the backward (default 1 MB)")
     t.set_defaults(func=_train)
