@@ -217,8 +217,8 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
 
     Returns ``(sequences, scores)``, best first: up to ``beam_width`` host
     int64 arrays (the prompt, then the new tokens, ending with ``eos_id``
-    where finished) and their float scores. Width 1 without ``eos_id`` is
-    greedy decoding. With ``use_cache`` each step runs one token per beam
+    where finished) and their float scores. Width 1 is greedy decoding, and
+    ends at the first ``eos_id`` greedy picks. With ``use_cache`` each step runs one token per beam
     against key/value caches reordered to follow the surviving beams.
     """
     prompt = np.asarray(to_numpy(idx) if hasattr(idx, "shape") else idx)
@@ -265,7 +265,10 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
                 if len(parents) == k:
                     break
             finished = sorted(finished, key=lambda f: -f[0])[:k]
-            if not parents:
+            if not parents or k == 1 and finished:
+                # (width 1 is greedy decoding, whatever the length penalty: its one hypothesis ends at
+                # the first eos_id it picks, as Hugging Face's num_beams=1 does, instead of racing a
+                # second-best continuation that a longer mean log-prob could make win)
                 tokens, logps = tokens[:0], logps[:0]
                 break
             parents = np.asarray(parents)
