@@ -335,14 +335,16 @@ def _step_of(meta, directory):
     return step
 
 
-def load_checkpoint(directory) -> Checkpoint:
+def load_checkpoint(directory, optimizer: bool = True) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``, checking every file's hash.
 
     Raises CheckpointNotFound when there is no checkpoint at ``directory``,
     and CheckpointError for a missing or damaged file or an unknown format
     version. Arrays come back as host NumPy arrays with the dtypes they were
     saved in. ``kind`` is meta.json's, or inferred from the config when the
-    checkpoint predates the field.
+    checkpoint predates the field. ``optimizer=False`` leaves the optimizer
+    state unread (``optimizer_state`` None): sampling needs only the model, and
+    a checkpoint shipped without ``optimizer.safetensors`` still loads.
     """
     from .kinds import infer_kind
 
@@ -353,7 +355,7 @@ def load_checkpoint(directory) -> Checkpoint:
         raise CheckpointError(f"{meta_path} lists no {MODEL_FILE}")
     model_state = _read_safetensors(directory, MODEL_FILE, files[MODEL_FILE].get("sha256"))
     optimizer_state = None
-    if meta.get("optimizer") is not None:
+    if optimizer and meta.get("optimizer") is not None:
         if OPTIMIZER_FILE not in files:
             raise CheckpointError(f"{meta_path} has optimizer scalars but lists no {OPTIMIZER_FILE}")
         arrays = _read_safetensors(directory, OPTIMIZER_FILE, files[OPTIMIZER_FILE].get("sha256"))

@@ -398,7 +398,7 @@ def load_model(directory, backend=None, dtype=None, *, expect=None, **options):
     kind = _kind_of(directory, meta)
     if expect is not None and kind not in expect:
         raise _wrong_kind(directory, kind, expect)
-    ckpt = load_checkpoint(where)
+    ckpt = load_checkpoint(where, optimizer=False)  # (a model needs no optimizer state; resuming reads it)
     return (*model_from(ckpt, directory, backend, dtype, **options), ckpt)
 
 

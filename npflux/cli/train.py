@@ -97,7 +97,7 @@ def _train_tokenizer(args):
         from ..checkpoint import load_checkpoint
         from ..tokenizers import load_tokenizer
 
-        ckpt = load_checkpoint(ckpt_dir)
+        ckpt = load_checkpoint(ckpt_dir, optimizer=False)  # (the tokenizer only)
         if ckpt.tokenizer:
             saved_sep = ckpt.config.get("train", {}).get("doc_sep")
             if args.doc_sep is not None and (doc_sep or None) != saved_sep:  # '' was recorded as None
