@@ -66,13 +66,16 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     model.zero_grad()
     n = len(micro_batches)
     total, scale = 0.0, sync.share / n
-    for i, batch in enumerate(micro_batches):
-        total += float(loss(batch))
-        sync.backward(lambda: backward(scale), last=i == n - 1)
-    mean = sync.sum(total * scale)  # the global batch's mean: each process's share-weighted mean, added
-    grads = sync.reduce(grads)
-    across = sync.norm_across
-    norm = optim.clip_grad_norm(grads, grad_clip, across) if grad_clip > 0 else optim.global_norm(grads, across)
+    # Overflow on the way to a non-finite loss is what the guard below reports, in one line: NumPy's
+    # RuntimeWarnings about it would only print the same news first, as noise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, batch in enumerate(micro_batches):
+            total += float(loss(batch))
+            sync.backward(lambda: backward(scale), last=i == n - 1)
+        mean = sync.sum(total * scale)  # the global batch's mean: each process's share-weighted mean, added
+        grads = sync.reduce(grads)
+        across = sync.norm_across
+        norm = optim.clip_grad_norm(grads, grad_clip, across) if grad_clip > 0 else optim.global_norm(grads, across)
     if not (math.isfinite(mean) and math.isfinite(norm)):  # the divergence guard: the weights stay as they were
         raise Diverged(f"the loss is {mean:.4g}" if not math.isfinite(mean) else f"the gradient norm is {norm:.4g}")
     optimizer.step(grads)
