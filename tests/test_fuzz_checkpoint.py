@@ -305,3 +305,14 @@ def test_cli_argument_fuzz(pristine, flags, prompt, ignore_eos):
     assert_clean_exit(status, out, err)
     if status == 0 and "--temperature" in flags:
         assert math.isfinite(float(flags["--temperature"]))  # a NaN or infinite temperature must be refused
+
+
+@pytest.mark.parametrize("field", ["n_layer", "n_embd", "vocab_size", "block_size"])
+def test_a_huge_size_in_the_config_is_refused_before_anything_is_allocated(pristine, tmp_path, field):
+    """Found by the fuzz at 100x examples: an n_layer of 2**31 once built set(range(n_layer)) and the run
+    was killed for memory; every size is now checked against the arrays without allocating by it."""
+    pristine_dir, _, _ = pristine
+    dmg = (("config", "model", field), "replace", 10**12, None)
+    ckpt = damaged_copy(pristine_dir, tmp_path, meta_dmg=dmg)
+    with pytest.raises(CheckpointError, match=field if field == "n_layer" else "the arrays hold"):
+        load_model(ckpt)
