@@ -50,7 +50,12 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample_next(logits, temperature, top_k, top_p, rng):
-    """One token id per row of logits (B, V); temperature 0 is greedy (argmax)."""
+    """One token id per row of logits (B, V); temperature 0 is greedy (argmax).
+
+    ``rng`` is one random Generator for the whole batch, or a list of B, one per
+    row: then row b's draw comes from its own stream, so its samples do not
+    depend on which rows share its batch.
+    """
     xp = get_array_module(logits)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -63,20 +68,16 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     logits = filter_logits((logits - logits.max(axis=-1, keepdims=True)) / temperature, top_k, top_p)
     probs = xp.exp(logits)  # the max is 0 (filtering always keeps it): no overflow
     cdf = xp.cumsum(probs, axis=-1)
-    u = rng.random((logits.shape[0], 1), dtype=cdf.dtype) * cdf[:, -1:]
+    if isinstance(rng, (list, tuple)):
+        u = xp.concatenate([r.random((1, 1), dtype=cdf.dtype) for r in rng])
+    else:
+        u = rng.random((logits.shape[0], 1), dtype=cdf.dtype)
+    u = u * cdf[:, -1:]
     return xp.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, name):
-    """idx as a (B, T) array of the model's backend, after checking every sampling argument.
-
-    Checked up front, so a bad argument fails even when it would go unused
-    (greedy decoding, 0 new tokens), and a stream fails before its first token.
-    """
-    check_int(idx, f"{name}: idx")
-    idx = model.backend.asarray(idx)
-    if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"{name}: idx must be (B, T) with T >= 1, got shape {idx.shape}")
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size):
+    """Every sampling argument checked up front, so a bad one fails even where it would go unused."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -85,54 +86,224 @@ def _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_i
         raise ValueError(f"top_k must be positive, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if eos_id is not None and not 0 <= eos_id < model.config.vocab_size:  # it could never be sampled
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {model.config.vocab_size})")
-    return idx
+    if eos_id is not None and not 0 <= eos_id < vocab_size:  # it could never be sampled
+        raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {vocab_size})")
 
 
-def _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, lock):
-    """Yield the next token of every row, (B,) on the model's backend, one step at a time.
+def _checked_prompts(model, idx, name):
+    """``(prompts, ragged)``: the prompts as host int64 arrays, and whether they came as a list.
 
-    Each call owns its caches and random generator. ``lock`` (or a null
-    context) is held around each forward, with the model in eval mode inside
-    it: the modules keep per-forward state on themselves, so two forwards at
-    once on one model would overwrite each other's. Stops early once every row
-    has produced ``eos_id``.
+    A (B, T) array is B prompts of one length; a list (or tuple) holds prompts
+    of any lengths, each a sequence of token ids (at least one).
     """
-    xp, rng, block = model.xp, model.backend.rng(seed), model.config.block_size
-    lock = lock if lock is not None else contextlib.nullcontext()
-    finished = xp.zeros(idx.shape[0], dtype=bool)
-    caches, fed = None, 0  # fed: how many tokens of idx the caches hold
-    for _ in range(max_new_tokens):
-        with lock, model.evaluating():
-            if not use_cache:
-                logits, _ = model.forward(idx[:, -block:])
-            elif caches is None or idx.shape[1] > block:
-                # (re)start: prefill with the last `block` tokens
-                caches = model.new_kv_caches(idx.shape[0])
-                logits, _ = model.forward(idx[:, -block:], kv_caches=caches)
-            else:
-                logits, _ = model.forward(idx[:, fed:], kv_caches=caches)
-        fed = idx.shape[1]
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng).astype(idx.dtype)
-        idx = xp.concatenate([idx, nxt[:, None]], axis=1)
-        yield nxt
-        if eos_id is not None:
-            finished |= nxt == eos_id
-            if bool(finished.all()):
-                return
+    if isinstance(idx, (list, tuple)) and (len(idx) == 0 or not np.isscalar(idx[0])):
+        if len(idx) == 0:
+            raise ValueError(f"{name}: the list of prompts is empty")
+        prompts = []
+        for i, p in enumerate(idx):
+            p = np.asarray(to_numpy(p) if hasattr(p, "shape") else p)
+            if p.size:
+                check_int(p, f"{name}: prompt {i}")
+            if p.ndim != 1 or p.size == 0:
+                raise ValueError(f"{name}: prompt {i} must be a 1-d sequence of at least one token id, "
+                                 f"got shape {p.shape}")
+            prompts.append(p.astype(np.int64))
+        return prompts, True
+    check_int(idx, f"{name}: idx")
+    arr = np.asarray(to_numpy(idx) if hasattr(idx, "shape") else idx)
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"{name}: idx must be (B, T) with T >= 1, or a list of prompts, got shape {arr.shape}")
+    return [row.astype(np.int64) for row in arr], False
+
+
+def row_seeds(seed, n):
+    """Each row's own seed: a list gives them one by one; an int s gives row b the seed s + b
+    (so row b alone, with seed s + b, samples the same tokens); None leaves every row unseeded."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"seed: {len(seed)} seeds for {n} prompts")
+        return list(seed)
+    return [None if seed is None else int(seed) + b for b in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# a batch of sequences, each decoded as if alone
+# ---------------------------------------------------------------------------
+
+
+class Sequence:
+    """One sequence being decoded: its tokens, its sampling settings, its own random generator.
+
+    ``finish_reason`` is None while it runs, then "stop" (it produced ``eos_id``,
+    which ends it) or "length" (``max_new_tokens`` reached). ``fed`` is how many
+    of ``tokens`` its cache row holds.
+    """
+
+    def __init__(self, model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 eos_id=None):
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, model.config.vocab_size)
+        self.tokens, self.n_prompt = [int(t) for t in prompt], len(prompt)
+        self.max_new_tokens, self.eos_id = int(max_new_tokens), eos_id
+        self.sampling = (float(temperature), top_k, top_p)
+        self.rng, self.seed = model.backend.rng(seed), seed
+        self.fed, self.finish_reason = 0, None if max_new_tokens > 0 else "length"
+
+    @property
+    def new_tokens(self):
+        return self.tokens[self.n_prompt:]
+
+    def _to_feed(self, block, use_cache):
+        """(restart, tokens to feed): the whole window from position 0 when the cache is empty,
+        unused, or full (past block_size the positions shift, as generate() has always done), else
+        only what the cache lacks."""
+        if not use_cache or self.fed == 0 or len(self.tokens) > block:
+            return True, self.tokens[-block:]
+        return False, self.tokens[self.fed:]
+
+    def _took(self, token):
+        self.fed = len(self.tokens)
+        self.tokens.append(token)
+        if self.eos_id is not None and token == self.eos_id:
+            self.finish_reason = "stop"
+        elif len(self.tokens) - self.n_prompt >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+
+class DecodeBatch:
+    """Sequences of different lengths decoded together: ONE forward per step for all of them.
+
+    Rows are right-padded (see ``nn.RowLayout``): row i of the key/value caches
+    holds sequence i's positions from 0, as it would alone; each row feeds only
+    what its cache lacks (its whole prompt on its first step, one token after),
+    so a sequence can join at any step and leave as soon as it finishes,
+    without waiting for the others. The live rows are kept at the front of the
+    caches: one that leaves is replaced by the last. A server's scheduler and
+    ``generate`` over a list of prompts both decode this way.
+
+    ``lock`` (a ``threading.Lock`` or None) is held around each forward, with
+    the model in eval mode: its modules keep per-forward state on themselves.
+    """
+
+    def __init__(self, model, capacity, use_cache=True, lock=None):
+        if capacity < 1:
+            raise ValueError(f"DecodeBatch: capacity must be >= 1, got {capacity}")
+        self.model, self.capacity, self.use_cache = model, int(capacity), use_cache
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.caches = model.new_kv_caches(self.capacity) if use_cache else None
+        self.rows = []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, seq):
+        """Seq joins at the next step (it must not have finished already)."""
+        if len(self.rows) >= self.capacity:
+            raise RuntimeError(f"DecodeBatch is full ({self.capacity} rows)")
+        seq.fed = 0
+        self.rows.append(seq)
+
+    def remove(self, seq):
+        """Seq leaves now; the last row moves into its place (its cache row with it)."""
+        i, last = self.rows.index(seq), len(self.rows) - 1
+        if i != last and self.caches is not None:
+            for cache in self.caches:
+                cache.move_row(last, i)
+        self.rows[i] = self.rows[last]
+        self.rows.pop()
+
+    def step(self):
+        """One forward for every row; returns [(seq, token)], and removes the rows that finished."""
+        if not self.rows:
+            return []
+        block, B = self.model.config.block_size, len(self.rows)
+        feeds = [seq._to_feed(block, self.use_cache) for seq in self.rows]
+        counts = np.array([len(toks) for _, toks in feeds], dtype=np.int64)
+        idx = np.zeros((B, int(counts.max())), dtype=np.int64)
+        for b, (restart, toks) in enumerate(feeds):
+            idx[b, : len(toks)] = toks
+            if restart and self.caches is not None:
+                for cache in self.caches:
+                    cache.reset_row(b)
+        with self.lock, self.model.evaluating():
+            logits, _ = self.model.forward(idx, kv_caches=self.caches, lengths=counts)
+        xp = self.model.xp
+        last = logits[xp.arange(B), self.model.backend.asarray(counts - 1)]  # (B, V): each row's last real token
+        tokens = self._sample(last)
+        out = []
+        for seq, token in zip(list(self.rows), tokens.tolist()):
+            seq._took(token)
+            out.append((seq, token))
+        for seq in [s for s in self.rows if s.finish_reason is not None]:
+            self.remove(seq)
+        return out
+
+    def _sample(self, logits):
+        """One token per row, host int64 (B,): rows with the same settings are sampled together,
+        each from its own random generator."""
+        tokens = np.empty(logits.shape[0], dtype=np.int64)
+        groups = {}
+        for b, seq in enumerate(self.rows):
+            groups.setdefault(seq.sampling, []).append(b)
+        for (temperature, top_k, top_p), members in groups.items():
+            picked = logits[self.model.backend.asarray(members)] if len(members) < len(self.rows) else logits
+            rngs = [self.rows[b].rng for b in members]
+            tokens[members] = to_numpy(sample_next(picked, temperature, top_k, top_p, rngs))
+        return tokens
+
+
+def _sequences(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id):
+    seeds = row_seeds(seed, len(prompts))
+    return [Sequence(model, p, max_new_tokens, temperature, top_k, top_p, s, eos_id) for p, s in zip(prompts, seeds)]
+
+
+def _decode_steps(model, seqs, use_cache, lock):
+    """Yield, per step, the (B,) host int64 tokens of every sequence: -1 for one that has finished."""
+    batch = DecodeBatch(model, len(seqs), use_cache=use_cache, lock=lock)
+    where = {id(s): b for b, s in enumerate(seqs)}
+    for seq in seqs:
+        if seq.finish_reason is None:
+            batch.add(seq)
+    while len(batch):
+        step = np.full(len(seqs), -1, dtype=np.int64)
+        for seq, token in batch.step():
+            step[where[id(seq)]] = token
+        yield step
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, use_cache=True,
              eos_id=None):
-    """idx (B, T) int -> (B, T + n) with sampled continuations (model in eval mode).
+    """Sampled continuations (model in eval mode), of a (B, T) array or of a list of prompts.
 
-    n = max_new_tokens, or fewer when ``eos_id`` is given and every row has
-    produced it (a row that finished first runs on; cut it at its [EOS]).
+    - idx (B, T) int -> (B, T + n) on the model's backend: n = max_new_tokens,
+      or fewer when ``eos_id`` is given and every row has produced it (a row
+      that finished first runs on; cut it at its [EOS]).
+    - idx a list of prompts of any lengths -> a list of host int64 arrays, each
+      the prompt and its new tokens, ending at its own ``eos_id`` or after
+      ``max_new_tokens``.
+
+    Either way each row is decoded as if alone: its positions count from its
+    own start, it never sees another row or padding, and it samples from its own
+    generator (``seed``: an int s gives row b the seed s + b; a list gives one
+    seed per row). So row b equals ``generate(model, [prompt_b], ..., seed=s_b)``
+    — the same tokens, up to the rounding of a batched forward (see the tests).
     """
-    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, "generate")
-    steps = _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache, eos_id, None)
-    return model.xp.concatenate([idx] + [nxt[:, None] for nxt in steps], axis=1)
+    prompts, ragged = _checked_prompts(model, idx, "generate")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, model.config.vocab_size)
+    seqs = _sequences(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id if ragged else None)
+    steps = _decode_steps(model, seqs, use_cache, None)
+    if ragged:
+        for _ in steps:
+            pass
+        return [np.asarray(s.tokens, dtype=np.int64) for s in seqs]
+    done = np.zeros(len(seqs), dtype=bool)
+    for step in steps:  # rows run on past eos_id; all stop once every row has produced it
+        if eos_id is not None:
+            done |= step == eos_id
+            if done.all():
+                break
+    n = min(len(s.new_tokens) for s in seqs)
+    out = np.array([s.tokens[: s.n_prompt + n] for s in seqs], dtype=getattr(idx, "dtype", np.int64))
+    return model.backend.asarray(out)
 
 
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, lock=None,
@@ -140,15 +311,31 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     """An iterator over the new tokens, one host int64 array (B,) per step: the tokens that
     ``generate`` appends with the same arguments and seed, as soon as each is sampled.
 
-    The arguments are checked here, before the first token. Each stream owns its
-    key/value caches and random generator, so several may run at once on one model (a
-    server's requests); give them all the same ``lock`` (a ``threading.Lock``), held
-    around each forward, because the modules keep per-forward state for backward on
-    themselves and two forwards at once would overwrite each other's.
+    With a list of prompts, a row that has finished (its ``eos_id``, or its
+    ``max_new_tokens``) shows -1 from the next step on, and the stream ends
+    when every row has. The arguments are checked here, before the first token.
+    Each stream owns its key/value caches and random generators, so several may
+    run at once on one model; give them all the same ``lock`` (a
+    ``threading.Lock``), held around each forward, because the modules keep
+    per-forward state for backward on themselves and two forwards at once would
+    overwrite each other's.
     """
-    idx = _checked_prompt(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, "generate_stream")
-    steps = _sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, seed, True, eos_id, lock)
-    return (to_numpy(nxt).astype("int64") for nxt in steps)
+    prompts, ragged = _checked_prompts(model, idx, "generate_stream")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, model.config.vocab_size)
+    seqs = _sequences(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id if ragged else None)
+    steps = _decode_steps(model, seqs, True, lock)
+    return steps if ragged else _until_all_ended(steps, eos_id)
+
+
+def _until_all_ended(steps, eos_id):
+    """A (B, T) stream: every row runs on past eos_id, and the stream ends once all have produced it."""
+    done = None
+    for step in steps:
+        yield step
+        if eos_id is not None:
+            done = (step == eos_id) if done is None else (done | (step == eos_id))
+            if done.all():
+                return
 
 
 # ---------------------------------------------------------------------------
