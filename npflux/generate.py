@@ -212,23 +212,29 @@ class DecodeBatch:
         self.rows.pop()
 
     def step(self):
-        """One forward for every row; returns [(seq, token)], and removes the rows that finished."""
+        """Every row's next token; returns [(seq, token)], and removes the rows that finished.
+
+        Rows feeding one token (decoding) share one forward. Rows feeding more
+        (a prompt that just joined, a window recomputed past block_size) take a
+        second one, so a long prompt does not pad every decoding row to its
+        length: padded, B rows of T tokens cost B * T, where decoding needs B.
+        """
         if not self.rows:
             return []
-        block, B = self.model.config.block_size, len(self.rows)
+        block = self.model.config.block_size
         feeds = [seq._to_feed(block, self.use_cache) for seq in self.rows]
         counts = np.array([len(toks) for _, toks in feeds], dtype=np.int64)
-        idx = np.zeros((B, int(counts.max())), dtype=np.int64)
-        for b, (restart, toks) in enumerate(feeds):
-            idx[b, : len(toks)] = toks
+        for b, (restart, _) in enumerate(feeds):
             if restart and self.caches is not None:
                 for cache in self.caches:
                     cache.reset_row(b)
-        with self.lock, self.model.evaluating():
-            logits, _ = self.model.forward(idx, kv_caches=self.caches, lengths=counts)
-        xp = self.model.xp
-        last = logits[xp.arange(B), self.model.backend.asarray(counts - 1)]  # (B, V): each row's last real token
-        tokens = self._sample(last)
+        groups = [np.flatnonzero(counts == 1), np.flatnonzero(counts > 1)]
+        if min(len(g) for g in groups) == 0:
+            groups = [np.arange(len(self.rows))]  # all alike: one forward over rows 0..B-1
+        logits = [self._forward(g, [feeds[b][1] for b in g], counts[g]) for g in groups]
+        tokens = np.empty(len(self.rows), dtype=np.int64)
+        for g, lg in zip(groups, logits):
+            tokens[g] = self._sample(lg, g)
         out = []
         for seq, token in zip(list(self.rows), tokens.tolist()):
             seq._took(token)
@@ -237,16 +243,29 @@ class DecodeBatch:
             self.remove(seq)
         return out
 
-    def _sample(self, logits):
-        """One token per row, host int64 (B,): rows with the same settings are sampled together,
-        each from its own random generator."""
-        tokens = np.empty(logits.shape[0], dtype=np.int64)
+    def _forward(self, rows, feeds, counts):
+        """The next-token logits (n, V) of the given rows: their feeds right-padded, one forward."""
+        idx = np.zeros((len(rows), int(counts.max())), dtype=np.int64)
+        for i, toks in enumerate(feeds):
+            idx[i, : len(toks)] = toks
+        # eval mode for the forward; a model already in it (a server's) skips the walk over its modules
+        mode = self.model.evaluating() if self.model.training else contextlib.nullcontext()
+        with self.lock, mode:
+            logits, _ = self.model.forward(idx, kv_caches=self.caches, lengths=counts,
+                                           cache_rows=rows if self.caches is not None else None)
+        xp = self.model.xp
+        return logits[xp.arange(len(rows)), self.model.backend.asarray(counts - 1)]  # each row's last real token
+
+    def _sample(self, logits, rows):
+        """One token for each of ``rows`` (logits (n, V)), host int64: rows with the same settings
+        are sampled together, each from its own random generator."""
+        tokens = np.empty(len(rows), dtype=np.int64)
         groups = {}
-        for b, seq in enumerate(self.rows):
-            groups.setdefault(seq.sampling, []).append(b)
+        for i, b in enumerate(rows):
+            groups.setdefault(self.rows[b].sampling, []).append(i)
         for (temperature, top_k, top_p), members in groups.items():
-            picked = logits[self.model.backend.asarray(members)] if len(members) < len(self.rows) else logits
-            rngs = [self.rows[b].rng for b in members]
+            picked = logits[self.model.backend.asarray(members)] if len(members) < len(rows) else logits
+            rngs = [self.rows[rows[i]].rng for i in members]
             tokens[members] = to_numpy(sample_next(picked, temperature, top_k, top_p, rngs))
         return tokens
 
@@ -350,25 +369,117 @@ def _host_log_softmax(logits):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _reorder_caches(caches, parents):
-    """Row i of every cache becomes a copy of row parents[i] (beams that survive, duplicated where they branch)."""
-    for cache in caches:
-        cache.k = cache.k[parents]
-        cache.v = cache.v[parents]
+class _Beams:
+    """One prompt's beam search: its live beams, their log-probabilities, its finished hypotheses.
+
+    ``advance`` takes the next-token log-probabilities of the live beams and
+    keeps the best ``k`` extensions (the search described in ``beam_search``);
+    ``done`` is set once nothing can change the result.
+    """
+
+    def __init__(self, prompt, k, max_new_tokens, alpha, eos_id, vocab_size):
+        self.prompt, self.k, self.max_new_tokens, self.alpha = prompt, k, max_new_tokens, alpha
+        self.eos_id, self.V = eos_id, vocab_size
+        self.tokens = np.zeros((1, 0), dtype=np.int64)  # the live beams' new tokens
+        self.logps = np.zeros(1)                          # and their log-probabilities
+        self.finished = []                                # (score, tokens) of beams that emitted eos_id
+        self.step, self.done = 0, max_new_tokens == 0
+
+    def score(self, logp, n_new):
+        return logp / n_new ** self.alpha
+
+    def sequences(self):
+        """The live beams as whole sequences (prompt + new tokens), one host array each."""
+        return [np.concatenate([self.prompt, t]) for t in self.tokens]
+
+    def advance(self, logp):
+        """Keep the best k extensions of the live beams (logp: their (n, V) log-probabilities);
+        returns each new live beam's parent (an index into the old ones)."""
+        k, V, step = self.k, self.V, self.step
+        cand = (self.logps[:, None] + logp).ravel()
+        parents, new = [], []
+        for rank, c in enumerate(_top_candidates(cand, 2 * k).tolist()):
+            parent, token = divmod(c, V)
+            if token == self.eos_id:
+                if rank < k:  # an eos below the top k would not have been kept as a beam either
+                    self.finished.append((self.score(cand[c], step + 1), np.append(self.tokens[parent], token)))
+                continue
+            parents.append(parent)
+            new.append(token)
+            if len(parents) == k:
+                break
+        self.finished = sorted(self.finished, key=lambda f: -f[0])[:k]
+        self.step = step + 1
+        if not parents:
+            return self._stop()
+        parents = np.asarray(parents)
+        self.tokens = np.concatenate([self.tokens[parents], np.asarray(new)[:, None]], axis=1)
+        self.logps = cand[parents * V + np.asarray(new)]
+        if self.step >= self.max_new_tokens:
+            self.done = True
+        elif len(self.finished) == k:
+            # The best a live beam can still reach: its log-prob can only fall, and
+            # divided by n ** alpha it is highest at the longest length (alpha >= 0)
+            # or at the next one (alpha < 0).
+            n_best = self.max_new_tokens if self.alpha >= 0 else self.step + 1
+            if self.finished[-1][0] >= self.score(self.logps.max(), n_best):
+                return self._stop()
+        return parents
+
+    def _stop(self):
+        self.tokens, self.logps, self.done = self.tokens[:0], self.logps[:0], True
+        return np.zeros(0, dtype=np.int64)
+
+    def result(self):
+        if self.max_new_tokens == 0:
+            return [self.prompt.copy()], [0.0]
+        pool = self.finished + [(self.score(lp, self.tokens.shape[1]), t) for lp, t in zip(self.logps.tolist(), self.tokens)]
+        pool.sort(key=lambda f: -f[0])  # stable: earlier (finished, higher-ranked) hypotheses win ties
+        pool = pool[: self.k]
+        return [np.concatenate([self.prompt, t]) for _, t in pool], [float(s) for s, _ in pool]
 
 
-def _next_logits(model, prompt, tokens, caches, use_cache):
-    """Next-token logits (n, V) of each beam prompt + tokens[i]; feeds the caches where they still apply."""
+def _beam_logits(model, seqs, caches):
+    """Next-token log-probabilities (n, V) of every row's sequence, in ONE right-padded forward.
+
+    Each row feeds what its cache row lacks (the prompt on the first step, then
+    one token); a row past block_size recomputes its last block from position 0,
+    as generate() does, and without caches every row does.
+    """
     block = model.config.block_size
-    n = tokens.shape[0]
-    seqs = np.concatenate([np.repeat(prompt[None], n, axis=0), tokens], axis=1)
-    if not use_cache or seqs.shape[1] > block:
-        # past the context the positions shift: recompute the window, as generate() does
-        return model.forward(seqs[:, -block:])[0][:, -1, :], None
-    if caches is None:  # prefill: the prompt once, shared by every beam
-        caches = model.new_kv_caches(1)
-        return model.forward(prompt[None], kv_caches=caches)[0][:, -1, :], caches
-    return model.forward(seqs[:, -1:], kv_caches=caches)[0][:, -1, :], caches
+    feeds = []
+    for r, seq in enumerate(seqs):
+        held = int(caches[0].lengths[r]) if caches is not None else 0
+        if caches is None or held == 0 or len(seq) > block:
+            if caches is not None:
+                for cache in caches:
+                    cache.reset_row(r)
+            feeds.append(seq[-block:])
+        else:
+            feeds.append(seq[held:])
+    counts = np.array([len(f) for f in feeds], dtype=np.int64)
+    idx = np.zeros((len(seqs), int(counts.max())), dtype=np.int64)
+    for r, f in enumerate(feeds):
+        idx[r, : len(f)] = f
+    logits, _ = model.forward(idx, kv_caches=caches, lengths=counts)
+    return _host_log_softmax(logits[model.xp.arange(len(seqs)), model.backend.asarray(counts - 1)])
+
+
+def _beam_prompts(idx):
+    """(prompts as host int64 arrays, whether a list of several was given)."""
+    if isinstance(idx, (list, tuple)) and idx and not np.isscalar(idx[0]):
+        many = [np.asarray(to_numpy(p) if hasattr(p, "shape") else p) for p in idx]
+    else:
+        one = np.asarray(to_numpy(idx) if hasattr(idx, "shape") else idx)
+        many = [one[0] if one.ndim == 2 and one.shape[0] == 1 else one]
+    for i, p in enumerate(many):
+        if p.size:
+            check_int(p, "beam_search: idx")
+        if p.ndim != 1 or p.size == 0:
+            raise ValueError(f"beam_search: idx must be one prompt, (T,) or (1, T) with T >= 1, or a list of them; "
+                             f"prompt {i} has shape {p.shape}")
+    return [p.astype(np.int64) for p in many], isinstance(idx, (list, tuple)) and len(many) > 0 and \
+        not np.isscalar(idx[0])
 
 
 def _top_candidates(scores, n):
@@ -386,35 +497,34 @@ def _top_candidates(scores, n):
 
 
 def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0, eos_id=None, use_cache=True):
-    """The ``beam_width`` most probable continuations of one prompt, kept ``beam_width`` at a time.
+    """The ``beam_width`` most probable continuations of a prompt, kept ``beam_width`` at a time.
 
-    ``idx`` is one prompt: (T,) or (1, T) token ids. Each step extends every
-    live beam by every token, scores the candidates by their total
-    log-probability ``sum log p(token | prefix)`` and keeps the best
-    ``beam_width``. A candidate ending in ``eos_id`` (among the top
-    ``beam_width``) is finished; it leaves the beam with the score
+    ``idx`` is one prompt: (T,) or (1, T) token ids; or a list of prompts of any
+    lengths, searched together (every live beam of every prompt in one forward
+    per step, right-padded, each prompt's beams in their own cache rows), each
+    with the result it would have alone. Each step extends every live beam by
+    every token, scores the candidates by their total log-probability
+    ``sum log p(token | prefix)`` and keeps the best ``beam_width``. A
+    candidate ending in ``eos_id`` (among the top ``beam_width``) is finished;
+    it leaves the beam with the score
 
         score = log p(new tokens) / len(new tokens) ** length_penalty
 
     (0: raw log-probability, which favours short answers; 1: mean log-prob per
     token). Beams still running after ``max_new_tokens`` are scored the same
-    way. The search stops early once ``beam_width`` hypotheses are finished
-    and no live beam can beat the worst of them any more (log-probabilities
-    only fall, so a live beam's best possible score is bounded).
+    way. A prompt's search stops early once ``beam_width`` hypotheses are
+    finished and no live beam can beat the worst of them any more
+    (log-probabilities only fall, so a live beam's best possible score is
+    bounded).
 
     Returns ``(sequences, scores)``, best first: up to ``beam_width`` host
     int64 arrays (the prompt, then the new tokens, ending with ``eos_id``
-    where finished) and their float scores. Width 1 without ``eos_id`` is
-    greedy decoding. With ``use_cache`` each step runs one token per beam
-    against key/value caches reordered to follow the surviving beams.
+    where finished) and their float scores; for a list of prompts, a list of
+    such pairs. Width 1 without ``eos_id`` is greedy decoding. With
+    ``use_cache`` each step runs one token per beam against key/value caches
+    reordered to follow the surviving beams.
     """
-    prompt = np.asarray(to_numpy(idx) if hasattr(idx, "shape") else idx)
-    check_int(prompt, "beam_search: idx")
-    prompt = prompt.astype(np.int64)
-    if prompt.ndim == 2 and prompt.shape[0] == 1:
-        prompt = prompt[0]
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"beam_search: idx must be one prompt, (T,) or (1, T) with T >= 1, got shape {prompt.shape}")
+    prompts, many = _beam_prompts(idx)
     if int(beam_width) < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
     if max_new_tokens < 0:
@@ -422,54 +532,25 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
     V = model.config.vocab_size
     if eos_id is not None and not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {V})")
-    if max_new_tokens == 0:
-        return [prompt.copy()], [0.0]
-    k, alpha = int(beam_width), float(length_penalty)
-
-    def score(logp, n_new):
-        return logp / n_new ** alpha
-
-    tokens = np.zeros((1, 0), dtype=np.int64)  # the live beams' new tokens
-    logps = np.zeros(1)                          # and their log-probabilities
-    finished = []                                # (score, tokens) of beams that emitted eos_id
-    caches = None
+    k = int(beam_width)
+    searches = [_Beams(p, k, max_new_tokens, float(length_penalty), eos_id, V) for p in prompts]
+    caches = model.new_kv_caches(k * len(prompts)) if use_cache and max_new_tokens > 0 else None
     with model.evaluating():
-        for step in range(max_new_tokens):
-            logits, caches = _next_logits(model, prompt, tokens, caches, use_cache)
-            cand = (logps[:, None] + _host_log_softmax(logits)).ravel()
-            order = _top_candidates(cand, 2 * k)
-            parents, new = [], []
-            for rank, c in enumerate(order.tolist()):
-                parent, token = divmod(c, V)
-                if token == eos_id:
-                    if rank < k:  # an eos below the top k would not have been kept as a beam either
-                        finished.append((score(cand[c], step + 1), np.append(tokens[parent], token)))
-                    continue
-                parents.append(parent)
-                new.append(token)
-                if len(parents) == k:
-                    break
-            finished = sorted(finished, key=lambda f: -f[0])[:k]
-            if not parents:
-                tokens, logps = tokens[:0], logps[:0]
-                break
-            parents = np.asarray(parents)
-            tokens = np.concatenate([tokens[parents], np.asarray(new)[:, None]], axis=1)
-            logps = cand[parents * V + np.asarray(new)]
-            if caches is not None:
-                _reorder_caches(caches, model.backend.asarray(parents))
-            if len(finished) == k and step + 1 < max_new_tokens:
-                # The best a live beam can still reach: its log-prob can only fall, and
-                # divided by n ** alpha it is highest at the longest length (alpha >= 0)
-                # or at the next one (alpha < 0).
-                n_best = max_new_tokens if alpha >= 0 else step + 2
-                if finished[-1][0] >= score(logps.max(), n_best):
-                    tokens, logps = tokens[:0], logps[:0]
-                    break
-    pool = finished + [(score(lp, tokens.shape[1]), t) for lp, t in zip(logps.tolist(), tokens)]
-    pool.sort(key=lambda f: -f[0])  # stable: earlier (finished, higher-ranked) hypotheses win ties
-    pool = pool[:k]
-    return [np.concatenate([prompt, t]) for _, t in pool], [float(s) for s, _ in pool]
+        while live := [b for b in searches if not b.done]:
+            rows = [seq for b in live for seq in b.sequences()]
+            logp = _beam_logits(model, rows, caches)
+            order, start = [], 0  # the cache rows of the next step: each prompt's surviving beams, in order
+            for b in live:
+                n = b.tokens.shape[0]
+                parents = b.advance(logp[start : start + n])
+                if not b.done:  # a finished search's rows leave the batch
+                    order.extend((start + parents).tolist())
+                start += n
+            if caches is not None and order:
+                for cache in caches:
+                    cache.take_rows(model.backend.asarray(order))
+    results = [b.result() for b in searches]
+    return results if many else results[0]
 
 
 def sequence_logprob(model, idx, continuation):

@@ -565,11 +565,15 @@ def create_app(engine: Engine, limits: Limits = None, max_concurrency: int = Non
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest, request: Request):
         stream = _submit(req, "generate")
-        async for _ in stream.aiter():
-            if await request.is_disconnected():  # the client left: free its row at the next step
-                stream.close()
-                metrics.count("generate", "cancelled")
-                return Response(status_code=499)
+        watcher = asyncio.ensure_future(_close_on_disconnect(request, stream))
+        try:
+            await stream.aread()
+        finally:
+            gone = watcher.done() and not watcher.cancelled()
+            watcher.cancel()
+        if gone:
+            metrics.count("generate", "cancelled")
+            return Response(status_code=499)  # nobody reads it: the client has gone
         metrics.count("generate", "ok")
         return {"text": stream.text, "finish_reason": stream.finish_reason, "tokens": stream.tokens,
                 "seed": stream.seed}
@@ -657,6 +661,13 @@ def create_app(engine: Engine, limits: Limits = None, max_concurrency: int = Non
             return True
         except Exception:  # the client closed the socket (or the connection broke)
             return False
+
+    async def _close_on_disconnect(request, stream):
+        """Wait for the client to hang up (the body is read, so the next message is the disconnect),
+        then free the request's row at the scheduler's next step."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.close()
 
     def _submit(req, endpoint):
         """The request's GenerationStream, queued with the scheduler (BadRequest, Overloaded)."""

@@ -257,3 +257,43 @@ def test_cache_slots_past_a_rows_end_never_reach_its_output():
     for s, e in zip(seqs, expected):
         np.testing.assert_array_equal(s.tokens, e)
     assert not np.isnan(MODEL.new_kv_caches(2)[0].k).any()
+
+
+# -- beam search over a list of prompts ------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(1, BLOCK + 2), min_size=1, max_size=4), data_seed=st.integers(0, 1000),
+       width=st.integers(1, 4), n=st.integers(0, 10), eos=st.none() | st.integers(0, V - 1),
+       use_cache=st.booleans())
+def test_beam_search_over_a_list_gives_each_prompts_own_search(lengths, data_seed, width, n, eos, use_cache):
+    from npflux.generate import beam_search
+
+    prompts = prompts_of(lengths, data_seed)
+    kw = dict(beam_width=width, max_new_tokens=n, eos_id=eos, length_penalty=0.7, use_cache=use_cache)
+    together = beam_search(MODEL, prompts, **kw)
+    assert len(together) == len(prompts)
+    for p, (seqs, scores) in zip(prompts, together):
+        alone_seqs, alone_scores = beam_search(MODEL, p, **kw)
+        assert [s.tolist() for s in seqs] == [s.tolist() for s in alone_seqs]
+        np.testing.assert_allclose(scores, alone_scores, rtol=1e-12, atol=1e-12)
+
+
+def test_a_forward_may_feed_a_subset_of_the_cache_rows():
+    """Rows 0 and 2 decode while row 1 is left alone: each equals its sequence alone."""
+    prompts = prompts_of([3, 5, 2], 11)
+    caches = MODEL.new_kv_caches(3)
+    idx = np.zeros((3, 5), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        idx[b, : len(p)] = p
+    with MODEL.evaluating():
+        MODEL.forward(idx, kv_caches=caches, lengths=[3, 5, 2])
+        step, _ = MODEL.forward(np.array([[4], [9]]), kv_caches=caches, lengths=[1, 1], cache_rows=[2, 0])
+        assert caches[0].lengths.tolist() == [4, 5, 3]
+        for i, (b, tok) in enumerate([(2, 4), (0, 9)]):
+            solo, _ = MODEL.forward(np.append(prompts[b], tok)[None])
+            np.testing.assert_allclose(step[i, 0], solo[0, -1], rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="distinct rows"):
+            MODEL.forward(np.array([[4], [9]]), kv_caches=caches, lengths=[1, 1], cache_rows=[1, 1])
+        with pytest.raises(ValueError, match="distinct rows"):
+            MODEL.forward(np.array([[4]]), kv_caches=caches, lengths=[1], cache_rows=[3])

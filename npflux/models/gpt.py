@@ -143,7 +143,7 @@ class GPT(Module):
         return self.num_parameters() * self.dtype.itemsize / 1e6
 
     # -- forward and backward --------------------------------------------------------
-    def forward(self, idx, targets=None, kv_caches=None, lengths=None):
+    def forward(self, idx, targets=None, kv_caches=None, lengths=None, cache_rows=None):
         """logits (B, T, V) and the mean cross-entropy loss (None without targets).
 
         ``lengths`` (B,): the rows are sequences of different lengths, right-padded;
@@ -151,12 +151,14 @@ class GPT(Module):
         count from its own start, it sees none of its padding, and with
         ``kv_caches`` its tokens go after what ITS cache row holds (``lengths`` of
         the caches). The logits at padding positions are meaningless.
+        ``cache_rows`` (B,): which rows of the caches the rows of idx are (default
+        0..B-1), to feed some of a batch's sequences and not the others.
         """
         check_int(idx, "GPT: idx")
         idx = self.backend.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"GPT: idx must be (B, T) token ids, got shape {idx.shape}")
-        rows = None if lengths is None else self._row_layout(idx, kv_caches, lengths)
+        rows = None if lengths is None else self._row_layout(idx, kv_caches, lengths, cache_rows)
         offset = kv_caches[0].length if kv_caches and rows is None else 0
         if rows is None and offset is None:
             raise ValueError("GPT: these caches hold rows of different lengths; pass lengths= to feed them")
@@ -176,23 +178,25 @@ class GPT(Module):
         loss, self.loss_cache = ops.cross_entropy_forward(logits, self.backend.asarray(targets))
         return logits, loss
 
-    def _row_layout(self, idx, kv_caches, lengths):
+    def _row_layout(self, idx, kv_caches, lengths, cache_rows=None):
         """The RowLayout of a right-padded batch: offsets from the caches' per-row lengths (0 without)."""
         B, T = idx.shape
         counts = np.asarray(to_numpy(lengths)).reshape(-1)
         check_int(counts, "GPT: lengths")
         if counts.shape != (B,):
             raise ValueError(f"GPT: lengths must hold one count per row ({B}), got shape {counts.shape}")
-        if kv_caches and kv_caches[0].lengths.shape[0] < B:
-            raise ValueError(f"GPT: {B} rows but the caches hold {kv_caches[0].lengths.shape[0]}")
-        offsets = kv_caches[0].lengths[:B].copy() if kv_caches else np.zeros(B, dtype=np.int64)
+        held = kv_caches[0].lengths.shape[0] if kv_caches else B
+        rows = np.arange(B) if cache_rows is None else np.asarray(to_numpy(cache_rows)).reshape(-1)
+        if rows.shape != (B,) or (B and (rows.min() < 0 or rows.max() >= held)) or len(set(rows.tolist())) != B:
+            raise ValueError(f"GPT: cache_rows must name {B} distinct rows of the caches' {held}, got {rows.tolist()}")
+        offsets = kv_caches[0].lengths[rows].copy() if kv_caches else np.zeros(B, dtype=np.int64)
         ends = offsets + counts
         if (counts < 0).any() or (counts > T).any():
             raise ValueError(f"GPT: lengths must lie in [0, {T}], got {counts.tolist()}")
         if ends.max(initial=0) > self.config.block_size:
             raise ValueError(f"GPT: sequence length {int(ends.max())} exceeds block_size {self.config.block_size}")
         return RowLayout(self.xp, offsets, counts, T, n_keys=None if kv_caches else T,
-                         max_position=self.config.block_size - 1)
+                         max_position=self.config.block_size - 1, cache_rows=rows if kv_caches else None)
 
     def backward(self, loss_scale=1.0):
         """Gradients of ``loss_scale * loss`` of the last forward, ADDED into ``grads``.

@@ -48,21 +48,31 @@ class KVCache:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def _append_rows(self, k, v, rows):
-        B = k.shape[0]
         if rows.ends.max(initial=0) > self.k.shape[2]:
             raise ValueError(f"KV cache is full ({self.k.shape[2]} positions)")
-        # k (B, H, T, D) -> (B, T, H, D): [rows, cols] picks the (N, H, D) real tokens, and
-        # self.k[b, :, slot] with b, slot index arrays is (N, H, D) too.
+        # k (B, H, T, D) -> (B, T, H, D): [b, t] picks the (N, H, D) real tokens, and
+        # self.k[row, :, slot] with row, slot index arrays is (N, H, D) too.
         b, t, slot = rows.device_index
-        self.k[b, :, slot] = k.transpose(0, 2, 1, 3)[b, t]
-        self.v[b, :, slot] = v.transpose(0, 2, 1, 3)[b, t]
-        self.lengths[:B] = rows.ends
+        cache_row = rows.device_cache_rows[b] if rows.device_cache_rows is not None else b
+        self.k[cache_row, :, slot] = k.transpose(0, 2, 1, 3)[b, t]
+        self.v[cache_row, :, slot] = v.transpose(0, 2, 1, 3)[b, t]
+        self.lengths[rows.cache_rows] = rows.ends
         self.length = None  # the rows differ now: only ``lengths`` holds
-        return self.k[:B, :, : rows.n_keys], self.v[:B, :, : rows.n_keys]
+        if rows.device_cache_rows is None:  # rows 0..B-1: a view
+            return self.k[: len(rows.ends), :, : rows.n_keys], self.v[: len(rows.ends), :, : rows.n_keys]
+        return self.k[rows.device_cache_rows, :, : rows.n_keys], self.v[rows.device_cache_rows, :, : rows.n_keys]
 
     def reset_row(self, row):
         """Row ``row`` starts over (a new sequence, or a window recomputed from position 0)."""
         self.lengths[row] = 0
+
+    def take_rows(self, rows):
+        """Rows 0..n-1 become copies of rows ``rows`` (n of them; repeats allowed): beam search's
+        surviving beams, duplicated where they branch."""
+        n = len(rows)
+        self.k[:n] = self.k[rows]
+        self.v[:n] = self.v[rows]
+        self.lengths[:n] = self.lengths[np.asarray(rows.get() if hasattr(rows, "get") else rows)]
 
     def move_row(self, src, dst):
         """Row ``dst`` becomes a copy of row ``src`` (keeps a batch's live rows at the front)."""
@@ -82,7 +92,9 @@ class RowLayout:
 
         query i of row b may see key j  iff  j <= offsets[b] + i  and  j < offsets[b] + counts[b]
 
-    (causal within the row, and blind to the row's padding). Why right padding:
+    (causal within the row, and blind to the row's padding). ``cache_rows``: the
+    cache rows the batch's rows are (default 0..B-1), so a forward may feed a
+    subset of a batch's sequences. Why right padding:
     a row's tokens then sit at the same cache slots as they would alone, so a
     row can join a running batch, leave it, or restart its window without
     moving any other row; left padding aligns the rows' ends, which needs every
@@ -90,7 +102,7 @@ class RowLayout:
     nothing, so no NaN) and their outputs are ignored.
     """
 
-    def __init__(self, xp, offsets, counts, T, n_keys=None, max_position=None):
+    def __init__(self, xp, offsets, counts, T, n_keys=None, max_position=None, cache_rows=None):
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.counts = np.asarray(counts, dtype=np.int64)
         if self.offsets.shape != self.counts.shape or self.offsets.ndim != 1:
@@ -108,6 +120,10 @@ class RowLayout:
         self.mask = xp.asarray(mask[:, None])                          # (B, 1, T, Tk): every head alike
         b, t = np.nonzero(np.arange(T) < self.counts[:, None])         # the real tokens
         self.device_index = (xp.asarray(b), xp.asarray(t), xp.asarray(pos[b, t]))
+        B = len(self.counts)
+        contiguous = cache_rows is None or np.array_equal(cache_rows, np.arange(B))
+        self.cache_rows = np.arange(B) if contiguous else np.asarray(cache_rows, dtype=np.int64)
+        self.device_cache_rows = None if contiguous else xp.asarray(self.cache_rows)
 
 
 def split_heads(x, n_head):
