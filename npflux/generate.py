@@ -170,13 +170,15 @@ class Sequence:
 
 
 class DecodeBatch:
-    """Sequences of different lengths decoded together: ONE forward per step for all of them.
+    """Sequences of different lengths decoded together: one forward per step for all that decode.
 
     Rows are right-padded (see ``nn.RowLayout``): row i of the key/value caches
     holds sequence i's positions from 0, as it would alone; each row feeds only
     what its cache lacks (its whole prompt on its first step, one token after),
     so a sequence can join at any step and leave as soon as it finishes,
-    without waiting for the others. The live rows are kept at the front of the
+    without waiting for the others. All rows that feed one token share one
+    forward; a step where some rows feed more (a prompt that joined) runs
+    those in a second forward (see ``step``). The live rows are kept at the front of the
     caches: one that leaves is replaced by the last. A server's scheduler and
     ``generate`` over a list of prompts both decode this way.
 

@@ -1,4 +1,4 @@
-"""Continuous batching: one thread runs the model for every request at once, one forward per step.
+"""Continuous batching: one thread runs the model for every request at once, step by step.
 
     requests --submit--> waiting queue (bounded) --next step--> running batch (DecodeBatch) --tokens--> tickets
 
@@ -9,8 +9,10 @@ thread, ``async for`` on an event loop). The scheduler thread loops:
 
 1. drop what was cancelled (a client that went away frees its row here);
 2. move waiting requests into the running batch while it has room;
-3. run ONE forward for the whole batch (``DecodeBatch.step``): every row gets
-   its next token, rows that just joined feed their prompt in the same forward;
+3. run the step (``DecodeBatch.step``): ONE forward for every decoding row,
+   and on a step where requests joined, one more for their prompts (padding
+   every decoding row to a prompt's length would cost far more); every row
+   gets its next token;
 4. hand each token to its ticket; a request that produced its end token or its
    last allowed token leaves the batch now, without waiting for the others.
 

@@ -3,7 +3,8 @@
 ``Engine`` is the part that knows nothing of HTTP: one model, its tokenizer
 and an optional ``DocumentIndex``, shared by every request. By default a
 ``Scheduler`` (npflux/scheduler.py) decodes all running requests as ONE batch,
-one forward per step: a request joins at the next step and leaves when it
+one forward per step for every decoding request (plus one for the prompts of
+those that join): a request joins at the next step and leaves when it
 ends, and since each row is decoded as if alone (its own positions, masks,
 cache row and random generator) a seeded request gives the same text alone or
 among many. A bounded queue refuses what it cannot take (503, Retry-After).
@@ -242,7 +243,7 @@ class Engine:
     """A model, its tokenizer and an optional document index, shared by concurrent requests.
 
     With ``batching`` (the default) a ``Scheduler`` thread decodes every running
-    request in one batch, one forward per step (continuous batching): at most
+    request in one batch, step by step (continuous batching): at most
     ``max_batch`` rows, and ``max_queue`` requests waiting beyond them, past
     which a request is refused (``Overloaded``). Without it each request runs
     its own stream, its forwards taking turns under the lock (the way npflux

@@ -346,3 +346,29 @@ def test_a_model_failure_ends_every_running_request_with_the_error():
     with pytest.raises(RuntimeError, match="FloatingPointError: boom"):
         list(ticket)
     sched.close()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_serve_flags_reach_the_engine_and_the_app(tmp_path, monkeypatch, capsys):
+    import npflux.serve as serve
+    from npflux.checkpoint import save_checkpoint
+    from npflux.cli import main
+
+    model, tok = tiny()
+    ckpt = save_checkpoint(tmp_path / "ckpt", model.state_dict(), {"model": model.config.to_dict()},
+                           tokenizer=tok.to_dict())
+    seen = {}
+    monkeypatch.setattr(serve, "create_app", lambda engine, limits, max_concurrency=None: seen.update(
+        engine=engine, max_concurrency=max_concurrency))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: seen.update(run=kw))
+    main(["serve", "--checkpoint", str(ckpt), "--max-batch", "3", "--max-queue", "5", "--max-concurrency", "7"])
+    assert seen["engine"].scheduler.load() == {"waiting": 0, "running": 0, "max_batch": 3, "max_queue": 5}
+    assert seen["max_concurrency"] == 7 and "max_concurrency" not in seen["run"]
+    main(["serve", "--checkpoint", str(ckpt), "--no-batching"])
+    assert seen["engine"].scheduler is None and seen["max_concurrency"] is None
+    for flag, value in [("--max-batch", "0"), ("--max-queue", "-1"), ("--max-concurrency", "x")]:
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--checkpoint", str(ckpt), flag, value])
+        assert info.value.code == 2 and flag in capsys.readouterr().err

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np  # host-side bookkeeping of right-padded batches: lengths and offsets
-
 from .. import ops
 from ..backend import check_int, get_backend, to_numpy
 from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, ModuleList, PositionalEmbedding, RowLayout
 from .config import ConfigDict
+
+np = get_backend("numpy").xp  # the host's array module: a right-padded batch's lengths and offsets live there
 
 
 @dataclass

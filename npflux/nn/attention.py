@@ -1,9 +1,10 @@
 """Multi-head attention: self-attention (causal or not) and cross-attention."""
-import numpy as np  # host-side bookkeeping of per-row caches: lengths, offsets, index arrays
-
 from .. import ops
+from ..backend import get_backend
 from .layers import INIT_STD, Dropout, Linear, _host_rng
 from .module import Module
+
+np = get_backend("numpy").xp  # the host's array module: per-row lengths, offsets and index arrays live there
 
 
 class KVCache:
