@@ -1,7 +1,7 @@
 """Load test of ``npflux serve`` on the loopback interface: continuous batching on and off, and overload.
 
-    python benchmarks/load_test_serve.py [--checkpoint DIR] [--concurrency 1 4 16 64] [--requests 256]
-        [--max-new-tokens 32] [--time-limit 12] [--max-batch 64] [--threads 1]
+    python benchmarks/load_test_serve.py [--checkpoint DIR] [--concurrency 1 4 16 64] [--requests 512]
+        [--max-new-tokens 32] [--time-limit 15] [--max-batch 64] [--threads 1]
         [--out benchmarks/results/serve_batching.json]
 
 Starts the real server (``python -m npflux.cli serve``) in subprocesses on free
@@ -297,10 +297,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="checkpoint to serve (default: --preset with random weights)")
     p.add_argument("--preset", default="nanogpt-cpu", help="the model without --checkpoint (default nanogpt-cpu)")
-    p.add_argument("--requests", type=int, default=256, help="requests per level at most (default 256)")
+    p.add_argument("--requests", type=int, default=512, help="requests per level at most (default 512)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--time-limit", type=float, default=12.0, help="seconds per level at most (default 12)")
+    p.add_argument("--time-limit", type=float, default=15.0, help="seconds per level at most (default 15)")
     p.add_argument("--max-batch", type=int, default=64, help="the batching server's --max-batch (default 64)")
     p.add_argument("--overload-batch", type=int, default=4)
     p.add_argument("--overload-queue", type=int, default=4)
