@@ -142,6 +142,8 @@ class Sequence:
     def __init__(self, model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
                  eos_id=None):
         _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, model.config.vocab_size)
+        if len(prompt) == 0:
+            raise ValueError("Sequence: the prompt must hold at least one token (there is nothing to condition on)")
         self.tokens, self.n_prompt = [int(t) for t in prompt], len(prompt)
         self.max_new_tokens, self.eos_id = int(max_new_tokens), eos_id
         self.sampling = (float(temperature), top_k, top_p)

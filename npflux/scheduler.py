@@ -32,7 +32,10 @@ import time
 from .generate import DecodeBatch
 
 _END = object()  # the token stream's end marker
-HANDOFF_WAIT_S = 0.05  # the longest the model thread waits for an event loop to take a step's tokens
+# The longest the model thread waits for an event loop to take a step's tokens. A loop that is busy
+# (refusing hundreds of requests a second under overload) must not hold the running ones up: measured
+# with 64 clients against 4 rows and a queue of 4 for 10 s, 0.05 s served 56 and 56 requests, 0.01 s 120 and 72.
+HANDOFF_WAIT_S = 0.01
 
 
 class Overloaded(RuntimeError):

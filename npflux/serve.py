@@ -614,9 +614,13 @@ def create_app(engine: Engine, limits: Limits = None, max_concurrency: int = Non
         await ws.accept()
         while True:
             try:
-                raw = await ws.receive_text()
+                message = await ws.receive()
             except (WebSocketDisconnect, RuntimeError):
                 return
+            if message["type"] == "websocket.disconnect":
+                return
+            # a text frame, or a binary one holding UTF-8 JSON
+            raw = message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace")
             error = None
             try:
                 if len(raw.encode()) > L.max_request_bytes:

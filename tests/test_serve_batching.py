@@ -172,7 +172,7 @@ def test_websocket_streams_tokens_and_reports_errors_with_codes(server):
             ws.send(bad)
             m = json.loads(ws.recv(timeout=TIMEOUT))
             assert m["type"] == "error" and m["code"] == code and words in m["error"], m
-        ws.send(json.dumps(body))  # the socket is still open and serves the next request
+        ws.send(json.dumps(body).encode())  # still open; a binary frame of UTF-8 JSON is read as text
         while (m := json.loads(ws.recv(timeout=TIMEOUT)))["type"] == "token":
             pass
         assert m["type"] == "done" and m["text"] == done["text"]
