@@ -98,7 +98,10 @@ def test_row_layout_mask_is_causal_within_each_row_and_blind_to_padding():
     # row 1: one real token at position 3 (3 cached); its padding query sees no key past the end
     assert m[1, 0].tolist() == [True, True, True, True]
     assert m[1, 1].tolist() == [True, True, True, True]
-    assert rows.positions.tolist() == [[0, 1], [3, 4]]
+    assert rows.positions.tolist() == [[0, 1], [3, 4]] and not rows.uniform
+    # rows at one offset without padding: the plain causal mask, which attention applies as a bias
+    same = RowLayout(np, offsets=[2, 2], counts=[3, 3], T=3)
+    assert same.uniform and same.mask is None and same.n_keys == 5
 
 
 def test_per_row_positions_backward_adds_every_rows_gradient():

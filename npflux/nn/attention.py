@@ -53,6 +53,13 @@ class KVCache:
             raise ValueError(f"KV cache is full ({self.k.shape[2]} positions)")
         # k (B, H, T, D) -> (B, T, H, D): [b, t] picks the (N, H, D) real tokens, and
         # self.k[row, :, slot] with row, slot index arrays is (N, H, D) too.
+        if rows.uniform:
+            B, T, off = len(rows.ends), k.shape[2], int(rows.offsets[0])
+            self.k[:B, :, off : off + T] = k
+            self.v[:B, :, off : off + T] = v
+            self.lengths[:B] = rows.ends
+            self.length = None
+            return self.k[:B, :, : rows.n_keys], self.v[:B, :, : rows.n_keys]
         b, t, slot = rows.device_index
         cache_row = rows.device_cache_rows[b] if rows.device_cache_rows is not None else b
         self.k[cache_row, :, slot] = k.transpose(0, 2, 1, 3)[b, t]
@@ -116,15 +123,22 @@ class RowLayout:
         if max_position is not None:
             pos = np.minimum(pos, max_position)                      # (padding only: real ones were checked)
         self.positions = xp.asarray(pos)
-        j = np.arange(self.n_keys)
-        mask = (j <= pos[:, :, None]) & (j < self.ends[:, None, None])  # (B, T, Tk)
-        self.mask = xp.asarray(mask[:, None])                          # (B, 1, T, Tk): every head alike
-        b, t = np.nonzero(np.arange(T) < self.counts[:, None])         # the real tokens
-        self.device_index = (xp.asarray(b), xp.asarray(t), xp.asarray(pos[b, t]))
         B = len(self.counts)
         contiguous = cache_rows is None or np.array_equal(cache_rows, np.arange(B))
         self.cache_rows = np.arange(B) if contiguous else np.asarray(cache_rows, dtype=np.int64)
         self.device_cache_rows = None if contiguous else xp.asarray(self.cache_rows)
+        # Every row at the same offset with no padding (one prompt, or a step of equal rows): the mask
+        # is then the plain causal one aligned at the end, which attention applies faster as a bias,
+        # and the cache takes the new keys as one slice.
+        self.uniform = bool(B and contiguous and (self.counts == T).all() and (self.offsets == self.offsets[0]).all()
+                            and self.n_keys == int(self.offsets[0]) + T)
+        self.mask = None
+        if not self.uniform:
+            j = np.arange(self.n_keys)
+            mask = (j <= pos[:, :, None]) & (j < self.ends[:, None, None])  # (B, T, Tk)
+            self.mask = xp.asarray(mask[:, None])                          # (B, 1, T, Tk): every head alike
+        b, t = np.nonzero(np.arange(T) < self.counts[:, None])             # the real tokens
+        self.device_index = (xp.asarray(b), xp.asarray(t), xp.asarray(pos[b, t]))
 
 
 def split_heads(x, n_head):
@@ -205,7 +219,7 @@ class MultiHeadAttention(Module):
         if rows is not None:
             if mask is not None:
                 raise ValueError("attention: give either a mask or a RowLayout, not both")
-            mask, causal = rows.mask, False
+            mask, causal = (None, True) if rows.uniform else (rows.mask, False)
         y, self.attn_cache = ops.attention_forward(q, k, v, causal=causal, mask=mask)
         self.weights = self.attn_cache[3]  # (B, H, T, S), kept for heat maps and activation capture
         return self.dropout.forward(self.c_proj.forward(merge_heads(y)))
