@@ -29,8 +29,8 @@ parameters, a block of 64, by default) with random weights: the time per
 token does not depend on the weights. The prompts (5 to 24 characters) and 32
 new tokens fit its block, so the key/value cache serves every step; past the
 block (shakespeare-s1 and -s2 have 32) every token recomputes a whole window,
-which batching shares far less (measured in-process: 2.6x at 16 rows for s1
-against 5.6x for nanogpt-cpu). The server's CPU time per token is reported
+which batching shares less (measured in-process, these prompts: 2.9-3.4x at
+16 rows for s1 against 4.6-5.7x for nanogpt-cpu). The server's CPU time per token is reported
 beside the rates: on a shared machine it moves far less than they do. The load average (the
 machine is shared) is recorded at the start and the end.
 """

@@ -180,9 +180,9 @@ class DecodeBatch:
     so a sequence can join at any step and leave as soon as it finishes,
     without waiting for the others. All rows that feed one token share one
     forward; a step where some rows feed more (a prompt that joined) runs
-    those in a second forward (see ``step``). The live rows are kept at the front of the
-    caches: one that leaves is replaced by the last. A server's scheduler and
-    ``generate`` over a list of prompts both decode this way.
+    those in a second forward (see ``step``). The live rows are kept at the
+    front of the caches: one that leaves is replaced by the last. A server's
+    scheduler and ``generate`` over a list of prompts both decode this way.
 
     ``lock`` (a ``threading.Lock`` or None) is held around each forward, with
     the model in eval mode: its modules keep per-forward state on themselves.
