@@ -46,8 +46,8 @@ from .scheduler import Overloaded, Scheduler
 from .retrieval import RAG_TEMPLATE, build_rag_prompt, encode_lenient
 from .tokenizers import decode_text, encode_prompt
 
-SERVE_MISSING = ('npflux serve needs FastAPI and uvicorn, which are not installed: '
-                 'pip install "npflux[serve]"')
+SERVE_MISSING = ('npflux serve needs FastAPI, uvicorn, websockets and prometheus-client, not all of which are '
+                 'installed: pip install "npflux[serve]"')
 
 
 class BadRequest(ValueError):

@@ -13,7 +13,9 @@ def _serve(args):
         from ..serve import Engine, Limits, create_app, run
 
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401  (/metrics)
         import uvicorn  # noqa: F401
+        import websockets  # noqa: F401  (uvicorn's WebSocket protocol, /v1/ws/generate)
     except ImportError:
         from ..serve import SERVE_MISSING
 
