@@ -84,6 +84,7 @@ def alternate(candidates: dict, rounds: int = 3, log=print) -> dict:
         medians = [x["median_s"] for x in results]
         first = results[0]
         out[name] = {"median_s": statistics.median(medians), "process_medians_s": medians,
+                     "best_s": min(min(x["times_s"]) for x in results),
                      "flops_per_call": first.get("flops_per_call"), "blas": first.get("blas"),
                      "threads": first.get("npflux_threads") or first.get("torch_threads"),
                      "profile": next((x["profile"] for x in results if "profile" in x), None),

@@ -13,6 +13,7 @@ caught before anyone trains on it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import tempfile
@@ -99,6 +100,10 @@ def find_corpus(name: str = TINYSHAKESPEARE_NAME, path=None, verify=None) -> Pat
     return found
 
 
+class DownloadError(OSError):
+    """A corpus could not be fetched (no network, an HTTP error, a cut connection)."""
+
+
 def download_tinyshakespeare(dest=None, url: str = TINYSHAKESPEARE_URL,
                              sha256: str = TINYSHAKESPEARE_SHA256, timeout: float = 60.0) -> Path:
     """Download Tiny Shakespeare to ``dest`` and check its SHA-256.
@@ -121,10 +126,17 @@ def download_tinyshakespeare(dest=None, url: str = TINYSHAKESPEARE_URL,
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            for chunk in iter(lambda: response.read(1 << 16), b""):
-                h.update(chunk)
-                out.write(chunk)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+            except (OSError, http.client.HTTPException) as exc:  # offline, DNS, timeout, HTTP error, cut short
+                reason = getattr(exc, "reason", None) or exc
+                raise DownloadError(f"could not download {url} ({reason}); nothing was written to {dest}. "
+                                    f"Copy the file there yourself, or point NPFLUX_DATA_DIR at a folder "
+                                    f"holding {TINYSHAKESPEARE_NAME}") from None
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != sha256:
@@ -318,13 +330,20 @@ def load_prepared_dataset(out_dir):
     return load_tokenizer(meta["tokenizer"]), splits[0], splits[1], meta
 
 
-def get_batch(data, batch_size: int, block_size: int, rng):
+def get_batch(data, batch_size: int, block_size: int, rng, rows=None):
     """A random batch of ``batch_size`` windows of ``block_size`` tokens.
 
     ``x[b] = data[i:i+block_size]`` and ``y[b] = data[i+1:i+1+block_size]``
     (the next token at every position) for a random offset ``i`` drawn from
     ``rng`` (a ``numpy.random.Generator``), uniformly over every window that
     fits, like nanoGPT. Returns host int64 arrays of shape (batch_size, block_size).
+
+    ``rows=(start, stop)``: only those rows of the batch (a data-parallel
+    rank's share, ``distributed.shard_range``). Every offset of the whole
+    batch is still drawn, so the generator moves on exactly as for the whole
+    batch: N ranks with the same generator state together hold exactly the
+    batch one process draws, and the state a checkpoint stores is that of the
+    global batch, whatever the number of ranks.
     """
     if batch_size < 1 or block_size < 1:
         raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
@@ -333,6 +352,8 @@ def get_batch(data, batch_size: int, block_size: int, rng):
         raise ValueError(f"data has {n} tokens; a batch with block_size={block_size} needs at least "
                          f"{block_size + 1} (inputs plus one target)")
     offsets = rng.integers(0, n - block_size, size=batch_size)
+    if rows is not None:
+        offsets = offsets[rows[0]: rows[1]]
     # One gather of (block_size + 1)-token windows gives both x and the shifted y.
     windows = np.asarray(data)[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64)
     x = np.ascontiguousarray(windows[:, :-1])

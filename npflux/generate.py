@@ -414,7 +414,10 @@ class _Beams:
                 break
         self.finished = sorted(self.finished, key=lambda f: -f[0])[:k]
         self.step = step + 1
-        if not parents:
+        if not parents or k == 1 and self.finished:
+            # (width 1 is greedy decoding, whatever the length penalty: its one hypothesis ends at
+            # the first eos_id it picks, as Hugging Face's num_beams=1 does, instead of racing a
+            # second-best continuation that a longer mean log-prob could make win)
             return self._stop()
         parents = np.asarray(parents)
         self.tokens = np.concatenate([self.tokens[parents], np.asarray(new)[:, None]], axis=1)
@@ -524,9 +527,9 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
     Returns ``(sequences, scores)``, best first: up to ``beam_width`` host
     int64 arrays (the prompt, then the new tokens, ending with ``eos_id``
     where finished) and their float scores; for a list of prompts, a list of
-    such pairs. Width 1 without ``eos_id`` is greedy decoding. With
-    ``use_cache`` each step runs one token per beam against key/value caches
-    reordered to follow the surviving beams.
+    such pairs. Width 1 is greedy decoding, and ends at the first ``eos_id``
+    greedy picks. With ``use_cache`` each step runs one token per beam against
+    key/value caches reordered to follow the surviving beams.
     """
     prompts, many = _beam_prompts(idx)
     if int(beam_width) < 1:
@@ -536,8 +539,10 @@ def beam_search(model, idx, beam_width=4, max_new_tokens=100, length_penalty=1.0
     V = model.config.vocab_size
     if eos_id is not None and not 0 <= eos_id < V:
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary (size {V})")
-    k = int(beam_width)
-    searches = [_Beams(p, k, max_new_tokens, float(length_penalty), eos_id, V) for p in prompts]
+    k, alpha = int(beam_width), float(length_penalty)
+    if not -10 <= alpha <= 10:  # (beyond, n ** alpha overflows for long outputs; nan fails this too)
+        raise ValueError(f"length_penalty must be a number in [-10, 10], got {length_penalty}")
+    searches = [_Beams(p, k, max_new_tokens, alpha, eos_id, V) for p in prompts]
     caches = model.new_kv_caches(k * len(prompts)) if use_cache and max_new_tokens > 0 else None
     with model.evaluating():
         while live := [b for b in searches if not b.done]:

@@ -377,18 +377,24 @@ def _grad_arrays(grads: dict) -> list:
     return [flat] if flat is not None else arrays  # all gradients in one buffer: one product, one scaling
 
 
-def global_norm(grads: dict) -> float:
-    """The L2 norm of all gradients together, as a Python float (nan or inf when a gradient is not finite)."""
+def global_norm(grads: dict, across=None) -> float:
+    """The L2 norm of all gradients together, as a Python float (nan or inf when a gradient is not finite).
+
+    ``across(x)``: the sum of ``x`` over the processes that each hold a slice of
+    the gradients (ZeRO, ``npflux.distributed``); the squares are added there
+    before the root, so the norm is that of all the slices together.
+    """
     total_sq = None
     for g in _grad_arrays(grads):  # sum the squares on the device and synchronise once, not once per tensor
         xp = get_array_module(g)
         flat = g.reshape(-1)
         sq = xp.dot(flat, flat)
         total_sq = sq if total_sq is None else total_sq + sq
-    return 0.0 if total_sq is None else float(math.sqrt(float(total_sq)))
+    total_sq = 0.0 if total_sq is None else float(total_sq)
+    return float(math.sqrt(across(total_sq) if across is not None else total_sq))
 
 
-def clip_grad_norm(grads: dict, max_norm: float) -> float:
+def clip_grad_norm(grads: dict, max_norm: float, across=None) -> float:
     """Scale all gradients so their global L2 norm is at most ``max_norm``.
 
     As ``torch.nn.utils.clip_grad_norm_``: the norm is taken over all
@@ -397,12 +403,13 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     the division safe and leaves the clipped norm just under max_norm).
     Returns the norm BEFORE clipping as a Python float (for logging). A
     non-finite norm is returned as it is and, as in torch, turns the
-    gradients into NaN/0; callers that care should check it.
+    gradients into NaN/0; callers that care should check it. ``across``: as
+    for ``global_norm`` (each process clips its slice by the global norm).
     """
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     arrays = _grad_arrays(grads)
-    total = global_norm(grads)
+    total = global_norm(grads, across)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in arrays:

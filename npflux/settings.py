@@ -15,6 +15,13 @@ debug                NPFLUX_DEBUG                flag      False
     (a flag is 1/true/yes/on or 0/false/no/off)
 hypothesis_examples  NPFLUX_HYPOTHESIS_EXAMPLES  int >= 1  25
     examples per Hypothesis property in the test suite (tests/conftest.py)
+mpi_ranks            NPFLUX_MPI_RANKS,           int >= 1  None
+                     then PMI_SIZE,
+                     OMPI_COMM_WORLD_SIZE
+    how many processes an MPI launcher started this one among (MPICH's
+    mpiexec sets PMI_SIZE, Open MPI's OMPI_COMM_WORLD_SIZE); set, npflux
+    train runs data-parallel over MPI (``npflux.distributed``); None: not
+    launched by mpiexec, one process, MPI never loaded
 
 ``get("num_threads")`` reads a setting: the innermost ``override`` in force,
 else the environment, else the default. (For the threads,
@@ -112,6 +119,7 @@ SETTINGS = {s.name: s for s in (
     Setting("data_dir", "NPFLUX_DATA_DIR", _path, None),
     Setting("debug", "NPFLUX_DEBUG", _flag, False),
     Setting("hypothesis_examples", "NPFLUX_HYPOTHESIS_EXAMPLES", _positive_int, 25),
+    Setting("mpi_ranks", "NPFLUX_MPI_RANKS", _positive_int, None, foreign=("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")),
 )}
 
 

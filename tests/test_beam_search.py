@@ -56,13 +56,17 @@ def test_width_one_is_greedy(seed, prompt_len, n_new):
     assert scores[0] == pytest.approx(sequence_logprob(model, prompt, greedy[prompt_len:]), abs=1e-10)
 
 
-def test_width_one_with_eos_stops_where_greedy_reaches_eos():
-    model = tiny(seed=3)
+@settings(max_examples=15)
+@given(seed=st.integers(0, 10_000), eos_at=st.integers(0, 5), alpha=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+def test_width_one_with_eos_stops_where_greedy_reaches_eos(seed, eos_at, alpha):
+    """Whatever the length penalty: with 1 and 2, a beam that raced on past the early [EOS] could win
+    on a better mean log-prob, and did (npflux sample --beam 1 was not greedy)."""
+    model = tiny(seed=seed)
     prompt = np.array([1, 2])
-    greedy = model.generate(prompt[None], 6, temperature=0)[0].tolist()
-    eos = greedy[4]  # make the greedy path's third new token the end of the document
-    seqs, _ = beam_search(model, prompt, beam_width=1, max_new_tokens=6, length_penalty=0.0, eos_id=eos)
-    assert seqs[0].tolist() == greedy[: greedy.index(eos, 2) + 1]
+    greedy = host(model.generate(prompt[None], 6, temperature=0))[0].tolist()
+    eos = greedy[2 + eos_at]  # make one of the greedy path's new tokens the end of the document
+    seqs, scores = beam_search(model, prompt, beam_width=1, max_new_tokens=6, length_penalty=alpha, eos_id=eos)
+    assert len(seqs) == 1 and seqs[0].tolist() == greedy[: greedy.index(eos, 2) + 1]
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -66,8 +66,14 @@ def test_find_corpus_checks_standard_hash(tmp_path, monkeypatch, no_repo_copy):
         data.find_corpus(path=other, verify=True)
 
 
-def test_find_corpus_repo_fallback(tmp_path, monkeypatch, no_repo_copy):
-    src = shakespeare_path()
+@pytest.fixture
+def shakespeare():
+    """The corpus file, found before ``no_repo_copy`` unsets NPFLUX_DATA_DIR (fixtures run in argument order)."""
+    return shakespeare_path()
+
+
+def test_find_corpus_repo_fallback(tmp_path, monkeypatch, shakespeare, no_repo_copy):
+    src = shakespeare
     fallback = tmp_path / "input.txt"
     fallback.write_bytes(src.read_bytes())
     monkeypatch.setattr(data, "REPO_SHAKESPEARE", fallback)

@@ -2,7 +2,7 @@
 
     cli
     training (train, train_seq2seq, finetune), interp, retrieval, serve, scheduler
-    generate, checkpoint, data, capture, viz, gradcheck, testing, optim
+    generate, checkpoint, data, capture, viz, gradcheck, testing, optim, distributed
     models, tokenizers, tasks
     nn
     ops
@@ -24,7 +24,7 @@ LEVELS = [
     {"ops"},
     {"nn"},
     {"models", "tokenizers", "tasks"},
-    {"generate", "checkpoint", "data", "capture", "viz", "gradcheck", "testing", "optim"},
+    {"generate", "checkpoint", "data", "capture", "viz", "gradcheck", "testing", "optim", "distributed"},
     {"train", "train_seq2seq", "finetune", "training", "interp", "retrieval", "serve", "scheduler"},
     {"cli"},
 ]

@@ -539,3 +539,34 @@ def test_data_errors_name_the_file_and_what_to_do(trained, tmp_path, capsys):
     latin1.write_bytes("café au lait\n".encode("latin-1") * 50)
     err = fail(train_argv(latin1, tmp_path / "o"), capsys)
     assert f"{latin1} is not UTF-8 text" in err and "iconv" in err
+
+
+# ---------------------------------------------------------------------------
+# resume below the checkpoint's step; a model mismatch names its fields; sampling needs no optimizer
+# ---------------------------------------------------------------------------
+
+
+def test_resume_with_max_iters_below_the_checkpoint_refuses_and_writes_nothing(run, capsys):
+    data, out = run
+    before = snapshot(out)
+    err = fail(with_flag(train_argv(data, out, "--resume"), "--max-iters", "5"), capsys)
+    assert "is at step 20, beyond --max-iters 5" in err and len(err.strip().splitlines()) == 1
+    # equal to the step: nothing to train, and nothing is written either
+    stdout = quietly(with_flag(train_argv(data, out, "--resume", "--sample-tokens", "0"), "--max-iters", "20"))
+    assert "nothing to train" in stdout
+    assert snapshot(out) == before
+
+
+def test_resume_with_another_model_names_the_fields_that_differ(run, capsys):
+    data, out = run
+    err = fail(train_argv(data, out, "--resume", "--n-embd", "32"), capsys)
+    assert "n_embd 16 (asked: 32)" in err and "n_layer" not in err and len(err) < 300
+
+
+def test_sample_loads_a_checkpoint_shipped_without_its_optimizer_state(run, capsys):
+    _, out = run
+    full = quietly(["sample", "--checkpoint", out / "ckpt", "--max-new-tokens", "12", "--seed", "2"])
+    (out / "ckpt" / "optimizer.safetensors").unlink()
+    assert quietly(["sample", "--checkpoint", out / "ckpt", "--max-new-tokens", "12", "--seed", "2"]) == full
+    # resuming does need it, and says so
+    assert "optimizer.safetensors" in fail(with_flag(train_argv(*run, "--resume"), "--max-iters", "30"), capsys)

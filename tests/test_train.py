@@ -320,7 +320,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path, dataset, monkeypatch):
     def run(out_dir, batch_size, grad_accum):
         served = {"rows": 0}
 
-        def fixed_batches(data, batch_size, block_size, rng):
+        def fixed_batches(data, batch_size, block_size, rng, rows=None):
             rows = windows[served["rows"] : served["rows"] + batch_size]
             served["rows"] += batch_size
             return rows[:, :-1].copy(), rows[:, 1:].copy()

@@ -50,4 +50,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as exc:  # no corpus, no network, a bad checksum: one line, not a traceback
+        sys.exit(f"prepare.py: error: {exc}")

@@ -275,6 +275,26 @@ def _read_safetensors(directory: Path, name: str, expected_sha: str | None) -> d
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+# meta.json's top-level fields and the JSON types each may hold (None: may be null or absent).
+_META_TYPES = {"files": (dict,), "config": (dict,), "tokenizer": (dict, None), "optimizer": (dict, None),
+               "rng_state": (dict, None), "extra": (dict, None), "kind": (str, None)}
+
+
+def _check_meta_types(meta, meta_path):
+    """Each field of meta.json has its JSON type, and each listed file a SHA-256 (checked before any use,
+    so a damaged field is one line naming it, not a TypeError deep in a loader)."""
+    for name, types in _META_TYPES.items():
+        value = meta.get(name)
+        if value is None and None in types:
+            continue
+        if not isinstance(value, tuple(t for t in types if t is not None)):
+            wanted = " or ".join("null" if t is None else "an object" if t is dict else "a string" for t in types)
+            raise CheckpointError(f"{meta_path}: {name!r} must be {wanted}, got {json.dumps(value)[:60]}")
+    for name, entry in meta["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"{meta_path}: files[{name!r}] must be an object with a \"sha256\" string")
+
+
 def read_meta(directory) -> tuple[Path, dict]:
     """(the directory that holds the checkpoint, its meta.json as a dict), checked but no arrays read.
 
@@ -303,6 +323,7 @@ def read_meta(directory) -> tuple[Path, dict]:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {directory} has format version {version!r}; "
                               f"this npflux reads version {FORMAT_VERSION}")
+    _check_meta_types(meta, meta_path)
     return directory, meta
 
 
@@ -314,25 +335,27 @@ def _step_of(meta, directory):
     return step
 
 
-def load_checkpoint(directory) -> Checkpoint:
+def load_checkpoint(directory, optimizer: bool = True) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``, checking every file's hash.
 
     Raises CheckpointNotFound when there is no checkpoint at ``directory``,
     and CheckpointError for a missing or damaged file or an unknown format
     version. Arrays come back as host NumPy arrays with the dtypes they were
     saved in. ``kind`` is meta.json's, or inferred from the config when the
-    checkpoint predates the field.
+    checkpoint predates the field. ``optimizer=False`` leaves the optimizer
+    state unread (``optimizer_state`` None): sampling needs only the model, and
+    a checkpoint shipped without ``optimizer.safetensors`` still loads.
     """
     from .kinds import infer_kind
 
     directory, meta = read_meta(directory)
     meta_path = directory / META_FILE
-    files = meta.get("files", {})
+    files = meta["files"]
     if MODEL_FILE not in files:
         raise CheckpointError(f"{meta_path} lists no {MODEL_FILE}")
     model_state = _read_safetensors(directory, MODEL_FILE, files[MODEL_FILE].get("sha256"))
     optimizer_state = None
-    if meta.get("optimizer") is not None:
+    if optimizer and meta.get("optimizer") is not None:
         if OPTIMIZER_FILE not in files:
             raise CheckpointError(f"{meta_path} has optimizer scalars but lists no {OPTIMIZER_FILE}")
         arrays = _read_safetensors(directory, OPTIMIZER_FILE, files[OPTIMIZER_FILE].get("sha256"))

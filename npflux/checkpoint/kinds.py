@@ -79,8 +79,25 @@ def save_gpt(directory, model, tokenizer=None, train: dict | None = None, extra=
                            step=step, rng_state=rng_state, extra=extra, kind="gpt")
 
 
+def _check_gpt_sizes(config: GPTConfig, state: dict, directory):
+    """The config's sizes are the arrays' (before a model is built: an n_embd edited to 10**8 in meta.json
+    must be one line, not an attempt to allocate the model it describes)."""
+    expected = {"transformer.wte.weight": (config.vocab_size, config.n_embd),
+                "transformer.wpe.weight": (config.block_size, config.n_embd)}
+    for name, shape in expected.items():
+        found = tuple(state[name].shape) if name in state else None
+        if found != shape:
+            raise CheckpointError(f"{directory}: the config says {name} is {shape}, the arrays hold {found}")
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.h.") and k.split(".")[2].isdigit()}
+    if layers != set(range(config.n_layer)):
+        raise CheckpointError(f"{directory}: the config says n_layer {config.n_layer}, the arrays hold "
+                              f"{len(layers)} blocks")
+
+
 def _load_gpt(ckpt, directory, backend=None, dtype=None):
-    model = GPT(GPTConfig.from_dict(ckpt.config["model"]), backend=backend, dtype=dtype or _train_dtype(ckpt))
+    config = GPTConfig.from_dict(ckpt.config["model"])
+    _check_gpt_sizes(config, ckpt.model_state, directory)
+    model = GPT(config, backend=backend, dtype=dtype or _train_dtype(ckpt))
     model.load_state_dict(ckpt.model_state)
     return model, _tokenizer(ckpt)
 
@@ -131,7 +148,9 @@ def _quantized_from_state(model, state, quant: dict):
 
 
 def _load_int8(ckpt, directory, backend=None, dtype=None):
-    model = GPT(GPTConfig.from_dict(ckpt.config["model"]), backend=backend, dtype=dtype or _train_dtype(ckpt))
+    config = GPTConfig.from_dict(ckpt.config["model"])
+    _check_gpt_sizes(config, ckpt.model_state, directory)  # (embeddings stay float in an int8 model)
+    model = GPT(config, backend=backend, dtype=dtype or _train_dtype(ckpt))
     return _quantized_from_state(model, ckpt.model_state, ckpt.config["quantization"]), _tokenizer(ckpt)
 
 
@@ -354,7 +373,15 @@ def model_from(ckpt, directory, backend=None, dtype=None, expect=None, **options
     kind = _kind_of(directory, {"kind": ckpt.kind, "config": ckpt.config})
     if expect is not None and kind not in expect:
         raise _wrong_kind(directory, kind, expect)
-    return KINDS[kind].load(ckpt, directory, backend=backend, dtype=dtype, **options)
+    try:
+        return KINDS[kind].load(ckpt, directory, backend=backend, dtype=dtype, **options)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # meta.json's fields reach the loader unchecked beyond their top-level types: any damage
+        # below that (a missing, null or re-typed field; arrays that do not fit the config) ends here
+        detail = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise CheckpointError(f"{directory} does not load as {KINDS[kind].what}: {detail.splitlines()[0]}") from exc
 
 
 def load_model(directory, backend=None, dtype=None, *, expect=None, **options):
@@ -371,7 +398,7 @@ def load_model(directory, backend=None, dtype=None, *, expect=None, **options):
     kind = _kind_of(directory, meta)
     if expect is not None and kind not in expect:
         raise _wrong_kind(directory, kind, expect)
-    ckpt = load_checkpoint(where)
+    ckpt = load_checkpoint(where, optimizer=False)  # (a model needs no optimizer state; resuming reads it)
     return (*model_from(ckpt, directory, backend, dtype, **options), ckpt)
 
 

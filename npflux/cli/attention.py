@@ -32,7 +32,7 @@ def _attention(args):
     from ..checkpoint import load_checkpoint
     from ..viz import gpt_attention, plot_attention, select_panels, seq2seq_attention
 
-    meta = load_checkpoint(args.checkpoint)
+    meta = load_checkpoint(args.checkpoint, optimizer=False)
     if (meta.config or {}).get("model_type") == "seq2seq":
         from ..train_seq2seq import load_seq2seq
 

@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from .common import add_backend_flag, add_overwrite_flag, finite_float, positive_float, print_sample
+from .common import add_backend_flag, add_overwrite_flag, finite_float, positive_float, positive_int, print_sample
 
 
 def _quantize(args):
@@ -139,23 +139,23 @@ def add_parsers(sub):
     f.add_argument("--data", required=True, help="the new text")
     f.add_argument("--out-dir", default="out-lora", help="OUT_DIR/adapter is the adapter checkpoint (default out-lora)")
     add_overwrite_flag(f, "OUT_DIR/adapter and finetune.json")
-    f.add_argument("--lora-rank", type=int, default=8)
+    f.add_argument("--lora-rank", type=positive_int, default=8, help="rank r of the adapters A (r x in) and B (out x r) (default 8)")
     f.add_argument("--lora-alpha", type=finite_float, help="scaling alpha / rank (default alpha = 2 * rank)")
     f.add_argument("--targets", default="attn.c_attn",
                    help="comma-separated module path patterns (fnmatch, suffix match), e.g. attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj; "
                         "attn.c_attn[q,v] adapts only the q and v blocks of the fused q/k/v projection")
-    f.add_argument("--max-iters", type=int, default=300)
-    f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--learning-rate", type=positive_float, default=3e-3)
-    f.add_argument("--weight-decay", type=finite_float, default=0.0)
+    f.add_argument("--max-iters", type=positive_int, default=300, help="fine-tuning steps (default 300)")
+    f.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default 16)")
+    f.add_argument("--learning-rate", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    f.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW weight decay on the adapters (default 0)")
     f.add_argument("--grad-clip", type=finite_float, default=1.0, help="0 disables clipping")
-    f.add_argument("--eval-interval", type=int, default=100)
+    f.add_argument("--eval-interval", type=positive_int, default=100, help="steps between evaluations (default 100)")
     f.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of --data is held out")
     f.add_argument("--val-split", choices=["tail", "lines"], default="tail",
                    help="held-out text: the last --val-fraction of it (default), or every k-th line (a text of unrelated lines)")
     f.add_argument("--unknown-chars", choices=["error", "drop"], default="error",
                    help="characters outside a char model's vocabulary: stop with an error (default) or drop them")
-    f.add_argument("--seed", type=int, default=1337)
+    f.add_argument("--seed", type=int, default=1337, help="seed for the adapters' initialisation and the batches (default 1337)")
     f.add_argument("--sample-tokens", type=int, default=200, help="print a sample of this many tokens at the end (0: none)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_flag(f)

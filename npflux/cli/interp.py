@@ -172,7 +172,7 @@ def _count(minimum):
 
 def add_parsers(sub):
     a = sub.add_parser("activations", help="record intermediate activations of a model over a text (safetensors/npz)")
-    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--checkpoint", required=True, help="the model whose activations are captured")
     a.add_argument("--text", help="text file to run the model on")
     a.add_argument("--names", nargs="+", help="capture points, fnmatch per dotted segment: 'transformer.h.*' "
                    "(residual stream after each block), 'transformer.h.*.attn.weights', 'transformer.h.1.mlp.hidden'")
@@ -199,18 +199,18 @@ def add_parsers(sub):
     t.add_argument("--l1", type=finite_float, default=1.5, help="L1 coefficient, for inputs scaled to mean squared norm d "
                    "(measured: 2 gives L0 10 on s1's transformer.h.1, 1.5 gives L0 22 on s2's transformer.h.2)")
     t.add_argument("--tied", action="store_true", help="decoder = encoder transposed")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=_count(1), default=3000, help="training steps (default 3000)")
     t.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
-    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="the end of the (--max-tokens) text, held out from the SAE for the metrics")
     t.add_argument("--max-tokens", type=_count(0), default=350_000,
                    help="use only the first N tokens of the text (default 350,000; 0: all of it)")
     t.add_argument("--context", type=int, help="window length in tokens (default: the model's block_size)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches (default 0)")
     t.add_argument("--skip-unknown", action="store_true", help="drop characters the tokenizer does not know")
     add_backend_flag(t)
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_sae_train)
 
     f = ssub.add_parser("features", help="top-activating contexts of an SAE's features, as text or HTML")
@@ -221,11 +221,11 @@ def add_parsers(sub):
     f.add_argument("--top-k", type=_count(1), default=8, help="contexts per feature")
     f.add_argument("--features", type=int, nargs="+", help="feature indices to report (default: every live one)")
     f.add_argument("--num-features", type=_count(1), help="report only the first N features in --sort order")
-    f.add_argument("--sort", choices=["index", "frequency", "max"], default="index")
+    f.add_argument("--sort", choices=["index", "frequency", "max"], default="index", help="feature order: index, frequency (most active first) or max (largest activation first)")
     f.add_argument("--before", type=_count(0), default=24, help="tokens of context shown before the max token")
     f.add_argument("--after", type=_count(0), default=8, help="tokens shown after it")
     f.add_argument("--max-tokens", type=_count(1), help="use only the first N tokens of the text")
-    f.add_argument("--skip-unknown", action="store_true")
+    f.add_argument("--skip-unknown", action="store_true", help="drop characters the tokenizer does not know")
     add_backend_flag(f)
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=_sae_features)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_backend_flag, add_sampling_flags, load_for_text, positive_int, print_sample
+from .common import add_backend_flag, add_sampling_flags, finite_float, load_for_text, positive_int, print_sample
 
 
 def _sample(args):
@@ -12,7 +12,9 @@ def _sample(args):
         args.prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n"
     if args.beam is not None:  # (--beam 0 is an error, not a silent switch to sampling)
         return _print_beams(model, tokenizer, args)
-    for _ in range(args.num_samples):
+    for number in range(1, args.num_samples + 1):
+        if args.num_samples > 1:  # (samples may hold blank lines of their own: a header says where each starts)
+            print(f"=== sample {number} of {args.num_samples} ===")
         print_sample(model, tokenizer, args.prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         args.seed = None if args.seed is None else args.seed + 1
@@ -37,14 +39,14 @@ def _print_beams(model, tokenizer, args):
 
 def add_parsers(sub):
     s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. out/ckpt)")
     s.add_argument("--prompt", help="text to continue (default: a new document for BPE models, '\\n' for char)")
-    s.add_argument("--max-new-tokens", type=int, default=500)
+    s.add_argument("--max-new-tokens", type=positive_int, default=500, help="tokens to generate per sample (default 500)")
     add_sampling_flags(s, temperature=0.8)
     s.add_argument("--num-samples", type=positive_int, default=1, help="samples to draw (with --beam: best beams to show)")
     s.add_argument("--beam", type=int, metavar="WIDTH", help="beam search of this width instead of sampling")
-    s.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam score = log-prob / length**PENALTY (default 1: mean log-prob per token)")
+    s.add_argument("--length-penalty", type=finite_float, default=1.0,
+                   help="beam score = log-prob / length**PENALTY, PENALTY in [-10, 10] (default 1: mean log-prob per token)")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past [EOS] (BPE models)")
     add_backend_flag(s)
     s.set_defaults(func=_sample)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_backend_flag, add_overwrite_flag, finite_float, positive_float
+from .common import add_backend_flag, add_overwrite_flag, finite_float, positive_float, positive_int
 
 
 def _task(name, seed):
@@ -63,39 +63,39 @@ def add_parsers(subparsers):
     sub = s.add_subparsers(dest="seq2seq_command", required=True)
 
     t = sub.add_parser("train", help="train on a generated task (teacher forcing), greedy exact match while training")
-    t.add_argument("--task", default="dates", choices=["dates"])
+    t.add_argument("--task", default="dates", choices=["dates"], help="the task: dates (written dates to ISO 8601)")
     t.add_argument("--task-seed", type=int, default=0, help="fixes the held-out days and examples")
-    t.add_argument("--out-dir", default="out-dates")
+    t.add_argument("--out-dir", default="out-dates", help="where ckpt/ and log.jsonl go (default out-dates)")
     add_overwrite_flag(t, "OUT_DIR/ckpt and log.jsonl")
-    t.add_argument("--max-iters", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--learning-rate", type=positive_float, default=2e-3)
-    t.add_argument("--warmup-iters", type=int, default=100)
-    t.add_argument("--eval-interval", type=int, default=500)
-    t.add_argument("--n-embd", type=int, default=64)
-    t.add_argument("--n-head", type=int, default=4)
+    t.add_argument("--max-iters", type=positive_int, default=3000, help="training steps (default 3000)")
+    t.add_argument("--batch-size", type=positive_int, default=64, help="examples per step (default 64)")
+    t.add_argument("--learning-rate", type=positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
+    t.add_argument("--warmup-iters", type=int, default=100, help="linear warmup steps (default 100)")
+    t.add_argument("--eval-interval", type=positive_int, default=500, help="steps between evaluations (default 500)")
+    t.add_argument("--n-embd", type=positive_int, default=64, help="model width (default 64)")
+    t.add_argument("--n-head", type=positive_int, default=4, help="attention heads (default 4)")
     t.add_argument("--layers", type=int, default=2, help="encoder layers = decoder layers")
-    t.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal")
-    t.add_argument("--shared-embeddings", action="store_true")
-    t.add_argument("--dropout", type=finite_float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", default="float32")
+    t.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal", help="positional encoding (default sinusoidal)")
+    t.add_argument("--shared-embeddings", action="store_true", help="one embedding table for source, target and output head")
+    t.add_argument("--dropout", type=finite_float, default=0.0, help="dropout probability (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches (default 0)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype (default float32)")
     add_backend_flag(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("decode", help="decode source strings with a checkpoint")
-    d.add_argument("--checkpoint", required=True)
+    d.add_argument("--checkpoint", required=True, help="a checkpoint written by npflux seq2seq train")
     d.add_argument("sources", nargs="+", help="source strings")
     d.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     add_backend_flag(d)
     d.set_defaults(func=_decode)
 
     e = sub.add_parser("eval", help="exact match on the task's held-out set")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--task", default="dates", choices=["dates"])
+    e.add_argument("--checkpoint", required=True, help="a checkpoint written by npflux seq2seq train")
+    e.add_argument("--task", default="dates", choices=["dates"], help="the task whose held-out set is scored")
     e.add_argument("--task-seed", type=int, help="default: the seed the checkpoint was trained with")
-    e.add_argument("--beam", type=int, default=1)
+    e.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy)")
     e.add_argument("--limit", type=int, help="only the first N held-out examples")
     add_backend_flag(e)
     e.set_defaults(func=_eval)

@@ -57,10 +57,10 @@ def add_parsers(sub):
     from ..retrieval import RAG_TEMPLATE
 
     p = sub.add_parser("serve", help="an HTTP API (FastAPI + uvicorn): generate, stream, search, ask, health")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="the model to serve")
     add_docs_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-new-tokens-limit", type=int, default=256, help="the most tokens one request may ask for")
     p.add_argument("--max-request-bytes", type=int, default=64 * 1024, help="larger request bodies are answered 413")
     p.add_argument("--max-concurrency", type=_positive, help="requests in progress beyond this are answered 503 with "
@@ -72,5 +72,6 @@ def add_parsers(sub):
     p.add_argument("--no-batching", dest="batching", action="store_false", help="no continuous batching: each "
                    "request's forwards take turns under one lock (the old way, for comparison)")
     p.add_argument("--template", default=RAG_TEMPLATE, help="the /v1/ask prompt, with {context} and {question}")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
     p.set_defaults(func=_serve)

@@ -10,6 +10,10 @@
 Everything that decides what happens next (weights, AdamW moments, step,
 the batch sampler's random state, the early-stopping record) is in the
 checkpoint, and dropout's masks follow from (seed, step), so ``resume=True`` continues exactly where it stopped.
+
+Under ``mpiexec -n N`` (``parallel``, ``npflux.distributed``) every rank runs
+this same loop on its rows of each batch; ``train_step``'s ``sync`` hook sums
+the gradients over the ranks, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from ..backend import get_backend, resolve_dtype, to_numpy
 from ..checkpoint import GPT_KINDS, CheckpointError, load_checkpoint, load_model, rng_from_json, rng_state_to_json, save_checkpoint
 from ..checkpoint.outdir import claim_output
 from ..data import get_batch
+from ..distributed import DataParallel, DataParallelSync, ZeroAdamW, flat_buffers, shard_range, stop_all_on_error
 from ..models import GPT, GPTConfig
 from ..nn.layers import reseed_dropout
 from .loop import Diverged, RunLog, evaluating, plot_losses, progress, train_step, windows_loss
@@ -129,27 +134,35 @@ def _check_resume_state(ckpt, ckpt_dir):
         raise CheckpointError(f"{where}: extra.train_state.history must be a list of log entries")
 
 
-def estimate_loss(model, data, eval_iters, batch_size, block_size, seed):
+def estimate_loss(model, data, eval_iters, batch_size, block_size, seed, comm=None):
     """Mean loss over ``eval_iters`` random batches, in eval mode (no dropout).
 
     The batches come from their own generator seeded with ``seed``, so an
     evaluation does not disturb the training batches (and resuming does not
-    change what was evaluated).
+    change what was evaluated). With a communicator of N ranks
+    (``npflux.distributed``), every rank draws every batch but computes only
+    every N-th, and the sum goes over the ranks: the same batches, 1/N of the
+    work each, and every rank gets the same number (early stopping agrees).
     """
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     rng = get_backend("numpy").rng(seed)
     total = 0.0
     with evaluating(model):
-        for _ in range(eval_iters):
+        for i in range(eval_iters):
             x, y = get_batch(data, batch_size, block_size, rng)
-            _, loss = model.forward(x, y)
-            total += float(loss)
-    return total / eval_iters
+            if i % size == rank:
+                _, loss = model.forward(x, y)
+                total += float(loss)
+    return (comm.sum(total) if comm is not None else total) / eval_iters
 
 
-def make_optimizer(model, cfg: TrainConfig):
+def make_optimizer(model, cfg: TrainConfig, parallel: DataParallel | None = None):
+    """AdamW with the run's settings; with ``parallel.zero`` 1, its moments sharded over the ranks."""
     decay = optim.nanogpt_decay if cfg.decay_matrices_only else None
-    return optim.AdamW(model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                       weight_decay=cfg.weight_decay, decay_filter=decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, decay_filter=decay)
+    if parallel is not None and parallel.zero:
+        return ZeroAdamW(model, parallel.comm, **kwargs)
+    return optim.AdamW(model.params, **kwargs)
 
 
 def model_from_checkpoint(directory, backend=None, dtype=None):
@@ -162,7 +175,7 @@ def model_from_checkpoint(directory, backend=None, dtype=None):
 
 
 def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, tokenizer=None, resume=False,
-          log=print, overwrite=False):
+          log=print, overwrite=False, parallel: DataParallel | None = None):
     """Train a GPT on host token arrays; returns (model, TrainState). Writes into ``cfg.out_dir``.
 
     ``out_dir/ckpt`` is the latest checkpoint, ``out_dir/log.jsonl`` one JSON
@@ -172,10 +185,35 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     (``npflux.checkpoint.outdir``). A non-finite loss or gradient norm stops
     the run with ``Diverged``: nothing is saved after it, the last good
     checkpoint stays, and log.jsonl and loss.png mark the step.
+
+    ``parallel`` (``npflux.distributed.DataParallel``): train data-parallel
+    over the ranks of its communicator, every rank calling ``train`` alike.
+    ``cfg.batch_size`` is the global batch, split over the ranks, so a run
+    is the same run (to rounding) on any number of ranks and resumes on any
+    number. Rank 0 alone prints, writes the log, the plot and the
+    checkpoints; evaluation is split over the ranks. An error on one rank
+    stops every rank (``distributed.stop_all_on_error``).
     """
+    parallel = parallel if parallel is not None else DataParallel()
+    with stop_all_on_error(parallel.comm, collective=(Diverged,)):
+        return _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, overwrite, parallel)
+
+
+def _silent(*args, **kwargs):
+    """The ``log`` of ranks other than 0: one voice per job."""
+
+
+def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, overwrite, parallel):
+    comm = parallel.comm
+    lead = comm.rank == 0  # rank 0 prints and writes; the others compute
+    log = log if lead else _silent
     out = Path(cfg.out_dir)
     ckpt_dir, log_path = out / "ckpt", out / "log.jsonl"
-    claim = claim_output(ckpt_dir, kind="gpt", resume=resume, overwrite=overwrite, companions=[log_path], log=log)
+    claim = claim_output(ckpt_dir, kind="gpt", resume=resume, overwrite=overwrite, companions=[log_path],
+                         log=log) if lead else None
+    if cfg.batch_size < comm.size:
+        raise ValueError(f"batch_size {cfg.batch_size} cannot be split over {comm.size} ranks: the batch is the "
+                         f"global one, at least one row per rank")
     backend = get_backend(cfg.backend)
     dtype = resolve_dtype(cfg.dtype)
     block_size = cfg.block_size or model_config.block_size
@@ -183,7 +221,7 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         raise ValueError(f"block_size {block_size} exceeds the model's {model_config.block_size}")
 
     model = GPT(model_config, seed=cfg.seed, backend=backend, dtype=dtype)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, parallel)
     batch_rng = get_backend("numpy").rng(cfg.seed)
     state = TrainState()
     saved_step = None  # the step of the checkpoint on disk that this run may fall back to
@@ -192,8 +230,19 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         ckpt = load_checkpoint(ckpt_dir)  # (after an interrupted save: the previous version, with a warning)
         saved = GPTConfig.from_dict(ckpt.config["model"])
         if saved != model_config:
-            raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
+            differing = ", ".join(f"{f.name} {getattr(saved, f.name)!r} (asked: {getattr(model_config, f.name)!r})"
+                                  for f in dataclasses.fields(saved)
+                                  if getattr(saved, f.name) != getattr(model_config, f.name))
+            raise ValueError(f"--resume: the checkpoint's model differs from the one asked for in {differing}; "
+                             f"resume with the checkpoint's settings, or train into another --out-dir")
         _check_resume_state(ckpt, ckpt_dir)
+        if cfg.max_iters < ckpt.step:  # (training would stop at once and write the checkpoint back as if it ran)
+            raise ValueError(f"--resume: {ckpt_dir} is at step {ckpt.step}, beyond --max-iters {cfg.max_iters}; "
+                             f"--max-iters counts from step 0: pass a number above {ckpt.step} to train on")
+        if cfg.max_iters == ckpt.step:
+            log(f"{ckpt_dir} is already at step {ckpt.step} = --max-iters: nothing to train, nothing written")
+            model.load_state_dict(ckpt.model_state)
+            return model, TrainState(step=ckpt.step, **ckpt.extra["train_state"])
         model.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
         try:
@@ -204,24 +253,39 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         state = TrainState(step=ckpt.step, **ckpt.extra["train_state"])
         saved_step = ckpt.step
         log(f"resumed from {ckpt_dir} at step {state.step}")
-    claim.begin()  # every refusal is behind us: from here on the run writes
-    out.mkdir(parents=True, exist_ok=True)
-    run_log = RunLog(log_path, kept=state.history)  # lines past the checkpoint belonged to a run that died
+    rows = shard_range(cfg.batch_size, comm.rank, comm.size)  # this rank's rows of every global batch
+    sync = DataParallelSync(model, parallel, rows[1] - rows[0], cfg.batch_size) if comm.size > 1 else None
+    if comm.size > 1:
+        comm.bcast(flat_buffers(model)[0])  # built from one seed alike; rank 0's bits make sure of it
+    comm.barrier()  # every rank has read the checkpoint before rank 0 writes anything
+    run_log = None
+    if lead:
+        claim.begin()  # every refusal is behind us: from here on the run writes
+        out.mkdir(parents=True, exist_ok=True)
+        run_log = RunLog(log_path, kept=state.history)  # lines past the checkpoint belonged to a run that died
 
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum
     log(f"model: {model.num_parameters():,} parameters ({model.size_mb():.2f} MB), backend {backend.name}, {dtype}; "
         f"{tokens_per_step} tokens per step")
+    if comm.size > 1:
+        log(f"data parallel: {comm.size} ranks ({comm.name}), {rows[1] - rows[0]} rows of the batch of "
+            f"{cfg.batch_size} on rank 0, gradients {parallel.describe()}")
+    if isinstance(opt, ZeroAdamW):
+        mine, whole = opt.moment_bytes()
+        log(f"ZeRO-1: AdamW moments {mine / 1e6:.2f} MB on rank 0 (unsharded: {whole / 1e6:.2f} MB per rank)")
 
     def evaluate(step):
-        train_loss = estimate_loss(model, train_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 1)
-        val_loss = estimate_loss(model, val_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 2)
+        train_loss = estimate_loss(model, train_data, cfg.eval_iters, cfg.batch_size, block_size,
+                                   cfg.seed + 2 * step + 1, comm)
+        val_loss = estimate_loss(model, val_data, cfg.eval_iters, cfg.batch_size, block_size, cfg.seed + 2 * step + 2, comm)
         for name, value in (("train", train_loss), ("validation", val_loss)):
             if not math.isfinite(value):
                 raise Diverged(f"the {name} loss is {value:.4g}")
         entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": cfg.lr_at(min(step, cfg.max_iters)),
                  "time": time.time()}
         state.history.append(entry)
-        run_log.append(entry)
+        if run_log:
+            run_log.append(entry)
         if val_loss < state.best_val:
             state.best_val, state.evals_since_best = val_loss, 0
         else:
@@ -230,21 +294,24 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
 
     def save():
         nonlocal saved_step
+        optimizer_state = opt.state_dict()  # (a collective under ZeRO: every rank takes part)
+        saved_step = state.step
+        if not lead:
+            return
         save_checkpoint(
             ckpt_dir, model_state=model.state_dict(),
             config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg)},
             tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
-            optimizer_state=opt.state_dict(), step=state.step,
+            optimizer_state=optimizer_state, step=state.step,
             rng_state={"batch": rng_state_to_json(batch_rng),
                        "dropout": None},  # masks are reseeded from (seed, step) at every step
             extra={"train_state": {"best_val": state.best_val, "evals_since_best": state.evals_since_best,
                                    "history": state.history}},
             kind="gpt",  # save_gpt's layout, plus what resuming needs
         )
-        saved_step = state.step
 
     has_dropout = model_config.dropout > 0
-    bar = progress(cfg.max_iters, enabled=cfg.progress, initial=state.step)
+    bar = progress(cfg.max_iters, enabled=cfg.progress and lead, initial=state.step)
     model.train()
     stopped_early = False
     t_last, tokens_since = time.perf_counter(), 0
@@ -263,9 +330,12 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
 
             opt.lr = cfg.lr_at(step)
             if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
-                reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
-            micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
-            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
+                # (each rank its own masks: its rows are other rows; so dropout is not bit-comparable across N)
+                key = [cfg.seed, step] if comm.size == 1 else [cfg.seed, step, comm.rank]
+                reseed_dropout(model, int(np.random.SeedSequence(key).generate_state(1)[0]))
+            micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng, rows=rows)
+                             for _ in range(cfg.grad_accum)]
+            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip, sync=sync)
             state.step += 1
             tokens_since += tokens_per_step
 
@@ -286,22 +356,25 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         if bar:
             bar.close()
         entry = {"step": state.step, "diverged": str(exc), "lr": opt.lr, "time": time.time()}
-        run_log.append(entry)
-        plot_losses(state.history + [entry], out / "loss.png", log=log)
+        if lead:
+            run_log.append(entry)
+            plot_losses(state.history + [entry], out / "loss.png", log=log)
+        backups = claim.backups if lead else ()
         kept = (f"the last good checkpoint {ckpt_dir} (step {saved_step}) is kept" if saved_step is not None else
-                "no checkpoint was written" + "".join(f"; the replaced one waits in {b}" for b in claim.backups))
+                "no checkpoint was written" + "".join(f"; the replaced one waits in {b}" for b in backups))
         again = "--resume" if saved_step is not None else "run again with --overwrite (this run's log is there)"
         raise Diverged(f"training diverged at step {state.step}: {exc} (learning rate {opt.lr:.3g}); {kept}. "
                        f"Lower --learning-rate, set --grad-clip or train in float32, then {again}") from None
     if bar:
         bar.close()
     save()
-    claim.complete()
-    plot_losses(state.history, out / "loss.png", log=log)
+    if lead:
+        claim.complete()
+        plot_losses(state.history, out / "loss.png", log=log)
     return model, state
 
 
-def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
+def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None, progress=False):
     """Loss (nats/token), perplexity and bits per character of ``text``.
 
     The text is tokenized as training saw it (``npflux.data.pack_documents``:
@@ -312,7 +385,7 @@ def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
     the total loss in bits by the number of characters of the text those
     predicted tokens stand for (``npflux.data.count_chars``: an [EOS] counts
     as the separator it replaced), so models with different tokenizers can be
-    compared on the same text.
+    compared on the same text. ``progress``: a bar over the batches on stderr.
     """
     import numpy as _host  # host-side token ids only
 
@@ -325,7 +398,7 @@ def evaluate_text(model, tokenizer, text, batch_size=16, doc_sep=None):
         raise ValueError("evaluate_text: the text must hold at least two tokens")
     T = min(model.config.block_size, len(ids) - 1)
     n_windows = (len(ids) - 1) // T
-    mean = windows_loss(model, ids, batch_size)  # every window holds T predicted tokens: the per-token mean
+    mean = windows_loss(model, ids, batch_size, progress_label="eval" if progress else None)  # every window holds T predicted tokens: the per-token mean
     total_tokens = n_windows * T
     total_loss = mean * total_tokens
     predicted = ids[1 : n_windows * T + 1]

@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import optim
+from ..distributed import GradientSync
+
+ONE_PROCESS = GradientSync()  # train_step's default: one process, nothing to synchronise
 
 
-def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, loss=None, backward=None):
+def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, loss=None, backward=None, sync=None):
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns (mean loss, grad norm).
 
     ``loss(batch)`` runs the forward pass and returns the loss (default:
@@ -45,6 +48,13 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     rows give the gradient of one batch of n*b rows. ``grads`` are the
     gradients the optimizer steps with (default ``model.grads``; LoRA passes
     only the adapters'). The norm is None when ``grad_clip`` is 0 (no clipping).
+
+    ``sync`` (``npflux.distributed.GradientSync``) is the data-parallel hook:
+    this process's share of the global batch scales its backward, the
+    gradients are summed over the processes (``sync.reduce``, overlapped with
+    the last backward where it can) before the norm, the clipping and the
+    step, and the loss is summed likewise; by default one process, for which
+    all of that is nothing.
     """
     micro_batches = list(micro_batches)
     if not micro_batches:
@@ -52,13 +62,20 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     loss = loss if loss is not None else (lambda batch: model.forward(*batch)[1])
     backward = backward if backward is not None else (lambda scale: model.backward(loss_scale=scale))
     grads = grads if grads is not None else model.grads
+    sync = sync if sync is not None else ONE_PROCESS
     model.zero_grad()
-    total, scale = 0.0, 1.0 / len(micro_batches)
-    for batch in micro_batches:
-        total += float(loss(batch))
-        backward(scale)
-    mean = total * scale
-    norm = optim.clip_grad_norm(grads, grad_clip) if grad_clip > 0 else optim.global_norm(grads)
+    n = len(micro_batches)
+    total, scale = 0.0, sync.share / n
+    # Overflow on the way to a non-finite loss is what the guard below reports, in one line: NumPy's
+    # RuntimeWarnings about it would only print the same news first, as noise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, batch in enumerate(micro_batches):
+            total += float(loss(batch))
+            sync.backward(lambda: backward(scale), last=i == n - 1)
+        mean = sync.sum(total * scale)  # the global batch's mean: each process's share-weighted mean, added
+        grads = sync.reduce(grads)
+        across = sync.norm_across
+        norm = optim.clip_grad_norm(grads, grad_clip, across) if grad_clip > 0 else optim.global_norm(grads, across)
     if not (math.isfinite(mean) and math.isfinite(norm)):  # the divergence guard: the weights stay as they were
         raise Diverged(f"the loss is {mean:.4g}" if not math.isfinite(mean) else f"the gradient norm is {norm:.4g}")
     optimizer.step(grads)
