@@ -226,7 +226,10 @@ def test_a_full_queue_answers_503_quickly_keeps_serving_and_recovers():
                 health.append((status, time.monotonic() - t0))
                 time.sleep(0.05)
 
+        start = threading.Barrier(12)
+
         def client(i):
+            start.wait(TIMEOUT)  # all at once: more than the 2 rows and 2 places in the queue
             t0 = time.monotonic()
             status, headers, text = post(url, "/v1/generate", body)
             return status, headers, text, time.monotonic() - t0
@@ -259,8 +262,14 @@ def test_max_concurrency_answers_503_with_a_json_body_and_retry_after():
     engine = Engine(model, tok)
     with serve_in_thread(create_app(engine, Limits(max_new_tokens=48), max_concurrency=2)) as url:
         body = {"prompt": "The", "max_new_tokens": 15}
+        start = threading.Barrier(6)
+
+        def client(_):
+            start.wait(TIMEOUT)  # all at once, beyond the limit of 2
+            return post(url, "/v1/generate", body)
+
         with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(lambda _: post(url, "/v1/generate", body), range(6)))
+            results = list(pool.map(client, range(6)))
         codes = sorted(s for s, _, _ in results)
         assert codes.count(200) >= 2 and 503 in codes
         for status, headers, text in results:
