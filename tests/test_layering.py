@@ -1,7 +1,7 @@
 """The package's import order, as a test: imports point downward only, and nothing imports in a circle.
 
     cli
-    training (train, train_seq2seq, finetune), interp, retrieval, serve
+    training (train, train_seq2seq, finetune), interp, retrieval, serve, scheduler
     generate, checkpoint, data, capture, viz, gradcheck, testing, optim, distributed
     models, tokenizers, tasks
     nn
@@ -25,7 +25,7 @@ LEVELS = [
     {"nn"},
     {"models", "tokenizers", "tasks"},
     {"generate", "checkpoint", "data", "capture", "viz", "gradcheck", "testing", "optim", "distributed"},
-    {"train", "train_seq2seq", "finetune", "training", "interp", "retrieval", "serve"},
+    {"train", "train_seq2seq", "finetune", "training", "interp", "retrieval", "serve", "scheduler"},
     {"cli"},
 ]
 LEVEL = {unit: i for i, units in enumerate(LEVELS) for unit in units}

@@ -343,8 +343,8 @@ def test_concurrent_clients_get_their_own_results(server):
                 for p, s in [("The cat", 1), ("Dogs", 2), ("Paris", 3), ("A tri", 4), ("The river", 5),
                              ("cat", 6), ("The cat", 7), ("Nile", 8)]]
     alone = [client.json("/v1/generate", r)[1]["text"] for r in requests]
-    # watch the model: forwards from different requests interleave, yet never overlap
-    active, overlap, order = [0], [0], []
+    # watch the model: requests share forwards (one per step for the whole batch), never two at once
+    active, overlap, rows = [0], [0], []
     guard = threading.Lock()
     original = model.forward
 
@@ -352,7 +352,7 @@ def test_concurrent_clients_get_their_own_results(server):
         with guard:
             active[0] += 1
             overlap[0] = max(overlap[0], active[0])
-            order.append(threading.get_ident())
+            rows.append(np.shape(a[0])[0])
         try:
             return original(*a, **kw)
         finally:
@@ -376,8 +376,8 @@ def test_concurrent_clients_get_their_own_results(server):
         del model.forward
     assert together == alone
     assert overlap[0] == 1                                     # the lock: one forward at a time
-    switches = sum(a != b for a, b in zip(order, order[1:]))
-    assert switches > len(requests)                            # and the requests really ran together
+    assert max(rows) > 1                                       # the requests really ran together
+    assert len(rows) < 30 * len(requests)                      # fewer forwards than tokens
 
 
 # -- the command line -----------------------------------------------------------------------

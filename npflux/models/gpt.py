@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass
 
 from .. import ops
-from ..backend import check_int, get_backend
-from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, ModuleList, PositionalEmbedding
+from ..backend import check_int, get_backend, to_numpy
+from ..nn import Block, Dropout, Embedding, KVCache, LayerNorm, Module, ModuleList, PositionalEmbedding, RowLayout
 from .config import ConfigDict
+
+np = get_backend("numpy").xp  # the host's array module: a right-padded batch's lengths and offsets live there
 
 
 @dataclass
@@ -141,19 +143,32 @@ class GPT(Module):
         return self.num_parameters() * self.dtype.itemsize / 1e6
 
     # -- forward and backward --------------------------------------------------------
-    def forward(self, idx, targets=None, kv_caches=None):
-        """logits (B, T, V) and the mean cross-entropy loss (None without targets)."""
+    def forward(self, idx, targets=None, kv_caches=None, lengths=None, cache_rows=None):
+        """logits (B, T, V) and the mean cross-entropy loss (None without targets).
+
+        ``lengths`` (B,): the rows are sequences of different lengths, right-padded;
+        row b holds ``lengths[b]`` real tokens (see ``nn.RowLayout``). Its positions
+        count from its own start, it sees none of its padding, and with
+        ``kv_caches`` its tokens go after what ITS cache row holds (``lengths`` of
+        the caches). The logits at padding positions are meaningless.
+        ``cache_rows`` (B,): which rows of the caches the rows of idx are (default
+        0..B-1), to feed some of a batch's sequences and not the others.
+        """
         check_int(idx, "GPT: idx")
         idx = self.backend.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"GPT: idx must be (B, T) token ids, got shape {idx.shape}")
-        offset = kv_caches[0].length if kv_caches else 0
+        rows = None if lengths is None else self._row_layout(idx, kv_caches, lengths, cache_rows)
+        offset = kv_caches[0].length if kv_caches and rows is None else 0
+        if rows is None and offset is None:
+            raise ValueError("GPT: these caches hold rows of different lengths; pass lengths= to feed them")
         if offset + idx.shape[1] > self.config.block_size:
             raise ValueError(f"GPT: sequence length {offset + idx.shape[1]} exceeds block_size {self.config.block_size}")
         t = self.transformer
-        x = t.drop.forward(t.wpe.forward(t.wte.forward(idx), offset=offset))
+        positions = None if rows is None else rows.positions
+        x = t.drop.forward(t.wpe.forward(t.wte.forward(idx), offset=offset, positions=positions))
         for i, block in enumerate(t.h.items):
-            x = block.forward(x, kv_cache=kv_caches[i] if kv_caches else None)
+            x = block.forward(x, kv_cache=kv_caches[i] if kv_caches else None, rows=rows)
         x = t.ln_f.forward(x)
         weight, _ = self._head_weight()
         logits, self.head_cache = ops.linear_forward(x, weight.T, self.lm_head.p.get("bias"))
@@ -162,6 +177,26 @@ class GPT(Module):
             return logits, None
         loss, self.loss_cache = ops.cross_entropy_forward(logits, self.backend.asarray(targets))
         return logits, loss
+
+    def _row_layout(self, idx, kv_caches, lengths, cache_rows=None):
+        """The RowLayout of a right-padded batch: offsets from the caches' per-row lengths (0 without)."""
+        B, T = idx.shape
+        counts = np.asarray(to_numpy(lengths)).reshape(-1)
+        check_int(counts, "GPT: lengths")
+        if counts.shape != (B,):
+            raise ValueError(f"GPT: lengths must hold one count per row ({B}), got shape {counts.shape}")
+        held = kv_caches[0].lengths.shape[0] if kv_caches else B
+        rows = np.arange(B) if cache_rows is None else np.asarray(to_numpy(cache_rows)).reshape(-1)
+        if rows.shape != (B,) or (B and (rows.min() < 0 or rows.max() >= held)) or len(set(rows.tolist())) != B:
+            raise ValueError(f"GPT: cache_rows must name {B} distinct rows of the caches' {held}, got {rows.tolist()}")
+        offsets = kv_caches[0].lengths[rows].copy() if kv_caches else np.zeros(B, dtype=np.int64)
+        ends = offsets + counts
+        if (counts < 0).any() or (counts > T).any():
+            raise ValueError(f"GPT: lengths must lie in [0, {T}], got {counts.tolist()}")
+        if ends.max(initial=0) > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {int(ends.max())} exceeds block_size {self.config.block_size}")
+        return RowLayout(self.xp, offsets, counts, T, n_keys=None if kv_caches else T,
+                         max_position=self.config.block_size - 1, cache_rows=rows if kv_caches else None)
 
     def backward(self, loss_scale=1.0):
         """Gradients of ``loss_scale * loss`` of the last forward, ADDED into ``grads``.

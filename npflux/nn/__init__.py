@@ -1,5 +1,5 @@
 """Modules: own parameters and gradients, compose the ops, backward in reverse order."""
-from .attention import KVCache, MultiHeadAttention, merge_heads, split_heads
+from .attention import KVCache, MultiHeadAttention, RowLayout, merge_heads, split_heads
 from .block import Block
 from .encoder_decoder import EncoderDecoder, TransformerDecoder, TransformerEncoder
 from .layers import (
@@ -15,5 +15,5 @@ __all__ = [
     "Block", "Dropout", "Embedding", "FeedForward", "FrozenLinear", "KVCache", "LayerNorm", "Linear", "LoRALinear",
     "Module", "ModuleList", "QuantizedLinear", "apply_lora", "dequantize_int8", "lora_parameters", "merge_lora", "quantize_int8",
     "quantize_linears", "unmerge_lora",
-    "MultiHeadAttention", "PositionalEmbedding", "SinusoidalPositionalEncoding", "merge_heads", "split_heads",
+    "MultiHeadAttention", "PositionalEmbedding", "RowLayout", "SinusoidalPositionalEncoding", "merge_heads", "split_heads",
 ]

@@ -29,8 +29,10 @@ class Block(Module):
         self.ln_2 = LayerNorm(dim, eps, **kw)
         self.mlp = FeedForward(dim, hidden, activation=activation, bias=bias, **drop)
 
-    def forward(self, x, context=None, mask=None, context_mask=None, kv_cache=None, context_kv_cache=None):
-        x = x + self.attn.forward(self.ln_1.forward(x), mask=mask, kv_cache=kv_cache)
+    def forward(self, x, context=None, mask=None, context_mask=None, kv_cache=None, context_kv_cache=None,
+                rows=None):
+        """``rows``: a RowLayout when the rows of x are sequences of different lengths (see MultiHeadAttention)."""
+        x = x + self.attn.forward(self.ln_1.forward(x), mask=mask, kv_cache=kv_cache, rows=rows)
         if self.has_cross:
             x = x + self.cross_attn.forward(self.ln_cross.forward(x), context=context, mask=context_mask,
                                             kv_cache=context_kv_cache)

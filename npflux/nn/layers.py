@@ -1,6 +1,6 @@
 """Layers that wrap one op each, plus the feed-forward network."""
 from .. import ops
-from ..backend import get_backend
+from ..backend import get_backend, scatter_add_rows
 from .module import Module, sum_to_shape
 
 INIT_STD = 0.02  # GPT-2's (and the char-level gpt.py's) normal init
@@ -50,20 +50,35 @@ class Embedding(Module):
 
 
 class PositionalEmbedding(Module):
-    """Learned positions: y = x + weight[offset : offset + T] for x (..., T, C)."""
+    """Learned positions: y = x + weight[offset : offset + T] for x (..., T, C).
+
+    ``positions`` (B, T) integers instead: y[b, t] = x[b, t] + weight[positions[b, t]],
+    for a batch whose rows count their positions from different starts.
+    """
 
     def __init__(self, max_len, dim, std=INIT_STD, rng=None, backend=None, dtype=None):
         super().__init__(backend, dtype)
         self.add_param("weight", _host_rng(rng).normal(0.0, std, (max_len, dim)))
 
-    def forward(self, x, offset=0):
+    def forward(self, x, offset=0, positions=None):
         T, max_len = x.shape[-2], self.p["weight"].shape[0]
+        if positions is not None:
+            if tuple(positions.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"positions of shape {tuple(positions.shape)} do not match x {tuple(x.shape)}")
+            if positions.size and int(positions.max()) >= max_len:
+                raise ValueError(f"position {int(positions.max())} exceeds the {max_len} learned positions")
+            self.span = positions
+            return x + self.p["weight"][positions]
         if offset + T > max_len:
             raise ValueError(f"sequence of length {offset + T} exceeds the {max_len} learned positions")
         self.span = (offset, T)
         return x + self.p["weight"][offset : offset + T]
 
     def backward(self, dy):
+        if not isinstance(self.span, tuple):  # per-row positions: a scatter-add, as an embedding's
+            C = dy.shape[-1]
+            scatter_add_rows(self.g["weight"], self.span.reshape(-1), dy.reshape(-1, C))
+            return dy
         offset, T = self.span
         self.g["weight"][offset : offset + T] += sum_to_shape(dy, (T, dy.shape[-1]))
         return dy
