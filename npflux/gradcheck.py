@@ -416,6 +416,16 @@ def _op_cases():
                           {"logits": 3 * n(2, 4, 7),
                            "targets": np.array([[0, 6, -100, 3], [2, 2, 5, -100]])})),
         ("dropout p=0.3", "x(3,5)", lambda: check_op(dropout_fwd, ops.dropout_backward, {"x": n(3, 5)})),
+        ("distillation T=2 alpha=0.7", "student,teacher(2,3,6) targets(2,3)",
+         lambda: check_op(ops.distillation_forward, ops.distillation_backward,
+                          {"student_logits": 2 * n(2, 3, 6), "teacher_logits": 2 * n(2, 3, 6),
+                           "targets": np.array([[0, 5, -100], [2, 2, 1]])},
+                          kwargs={"temperature": 2.0, "alpha": 0.7, "teacher_grad": True})),
+        ("span loss", "start,end(2,6) masked",
+         lambda: check_op(ops.span_loss_forward, ops.span_loss_backward,
+                          {"start_logits": 2 * n(2, 6), "end_logits": 2 * n(2, 6), "starts": np.array([3, 5]),
+                           "ends": np.array([4, 5])},
+                          kwargs={"mask": np.array([[False, False, True, True, True, False], [False] + [True] * 5])})),
     ]
     return cases
 
