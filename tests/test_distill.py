@@ -175,3 +175,129 @@ def test_bad_input_is_a_clear_error(bad, match):
             "targets": np.zeros((2, 3), dtype=np.int64), **bad}
     with pytest.raises((ValueError, TypeError), match=match):
         ops.distillation_forward(**args)
+
+
+# ==========================================================================
+# the workflow: npflux.training.distill and npflux distill
+# ==========================================================================
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny trained teacher (2 layers, width 16) on TEXT, saved as `npflux train` saves."""
+    from npflux.models import GPTConfig
+    from npflux.tokenizers import CharTokenizer
+    from npflux.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("teacher")
+    tok = CharTokenizer(TEXT)
+    ids = np.asarray(tok.encode(TEXT), dtype=np.int64)
+    cfg = TrainConfig(out_dir=str(out), batch_size=4, max_iters=30, eval_interval=30, eval_iters=1,
+                      learning_rate=1e-2, progress=False, checkpoint_interval=0)
+    train(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16), cfg, ids[:1600],
+          ids[1600:], tok, log=_quiet)
+    return out / "ckpt"
+
+
+def _student(vocab, **kw):
+    from npflux.models import GPTConfig
+
+    return GPTConfig(**{"vocab_size": vocab, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8, **kw})
+
+
+def _data(tok):
+    ids = np.asarray(tok.encode(TEXT), dtype=np.int64)
+    return ids[:1600], ids[1600:]
+
+
+def test_alpha_zero_student_gets_exactly_the_plain_gradient(teacher_dir):
+    """Through the model: the objective at alpha = 0 is the labels' cross-entropy, so its gradient
+    (ops.distillation_backward -> GPT.backward_from_logits) equals GPT.backward's, bit for bit in float64."""
+    from npflux.models import GPT
+    from npflux.training.distill import Distillation, load_teacher
+
+    teacher, tok = load_teacher(teacher_dir, dtype="float64")
+    train_ids, _ = _data(tok)
+    x = np.stack([train_ids[i:i + 16] for i in (0, 50)])
+    y = np.stack([train_ids[i + 1:i + 17] for i in (0, 50)])
+    a, b = (GPT(_student(tok.vocab_size), seed=3, dtype="float64") for _ in range(2))
+    objective = Distillation(teacher, temperature=2.0, alpha=0.0)
+    loss = objective.loss(a, (x, y))
+    objective.backward(a, 0.5)
+    _, plain = b.forward(x, y)
+    b.backward(loss_scale=0.5)
+    assert abs(float(loss) - float(plain)) <= 1e-12 * float(plain)
+    for name in a.grads:
+        assert rel_error(a.grads[name], b.grads[name]) < 1e-12, name
+
+
+def test_distill_writes_its_kind_and_resumes_exactly(teacher_dir, tmp_path):
+    """4 steps in one run equal 2 steps, a stop, and 2 more with resume=True; the checkpoint is a
+    gpt-distilled that everything reading a GPT reads, and records the teacher."""
+    from npflux.checkpoint import GPT_KINDS, load_model
+    from npflux.train import TrainConfig
+    from npflux.training.distill import Distillation, distill, load_teacher
+
+    teacher, tok = load_teacher(teacher_dir)
+    train_ids, val_ids = _data(tok)
+    objective = Distillation(teacher, temperature=2.0, alpha=0.7, teacher_path=str(teacher_dir))
+
+    def run(out, steps, resume=False):
+        cfg = TrainConfig(out_dir=str(out), batch_size=4, max_iters=steps, eval_interval=2, eval_iters=1,
+                          checkpoint_interval=0, progress=False, learning_rate=1e-2)
+        return distill(_student(tok.vocab_size), cfg, objective, train_ids, val_ids, tok, resume=resume, log=_quiet)
+
+    straight, _ = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, state = run(tmp_path / "b", 4, resume=True)
+    assert state.step == 4
+    for name, p in straight.params.items():
+        np.testing.assert_array_equal(p, resumed.params[name], err_msg=name)
+    model, _, ckpt = load_model(tmp_path / "b" / "ckpt", expect=GPT_KINDS)
+    assert ckpt.kind == "gpt-distilled"
+    assert ckpt.config["distill"]["alpha"] == 0.7 and ckpt.config["distill"]["teacher"]["path"] == str(teacher_dir)
+    np.testing.assert_array_equal(model.params["transformer.wte.weight"], straight.params["transformer.wte.weight"])
+    # resuming under another objective is refused, not silently continued
+    other = Distillation(teacher, temperature=1.0, alpha=0.7, teacher_path=str(teacher_dir))
+    cfg = TrainConfig(out_dir=str(tmp_path / "b"), max_iters=6, progress=False, eval_iters=1, batch_size=4)
+    with pytest.raises(ValueError, match="temperature"):
+        distill(_student(tok.vocab_size), cfg, other, train_ids, val_ids, tok, resume=True, log=_quiet)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_naming_both_sizes(teacher_dir, tmp_path):
+    from npflux.train import TrainConfig
+    from npflux.training.distill import Distillation, distill, load_teacher
+
+    teacher, tok = load_teacher(teacher_dir)
+    with pytest.raises(ValueError, match=rf"{tok.vocab_size} tokens, the student {tok.vocab_size + 3}"):
+        load_teacher(teacher_dir, _student(tok.vocab_size + 3))
+    cfg = TrainConfig(out_dir=str(tmp_path / "s"), max_iters=1, progress=False)
+    with pytest.raises(ValueError, match=rf"{tok.vocab_size} tokens, the student {tok.vocab_size + 3}"):
+        distill(_student(tok.vocab_size + 3), cfg, Distillation(teacher), *_data(tok), tok, log=_quiet)
+    assert not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_cli_distill_runs_and_refuses_a_teacher_of_another_kind(teacher_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from npflux.cli import main
+
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "out"
+    main(["distill", "--teacher", str(teacher_dir), "--preset", "shakespeare-s1", "--n-layer", "1", "--n-embd", "8",
+          "--n-head", "2", "--block-size", "16", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+          "--batch-size", "2", "--data", str(data), "--out-dir", str(out), "--quiet"])
+    meta = json.loads((out / "ckpt" / "meta.json").read_text())
+    assert meta["kind"] == "gpt-distilled" and meta["step"] == 2
+    sae = Path(__file__).parent / "fixtures" / "checkpoints" / "sae"
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--teacher", str(sae), "--data", str(data), "--out-dir", str(tmp_path / "o2")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "sparse autoencoder" in err and "not a GPT" in err and "Traceback" not in err

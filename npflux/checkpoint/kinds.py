@@ -4,6 +4,7 @@
     gpt        a GPT (training adds optimizer, RNG state)  save_gpt, train.train()   npflux sample / eval / finetune / quantize
     gpt-int8   a GPT with int8 block linears               save_quantized            the same
     gpt-lora   LoRA adapters only; names its base          save_adapter              the same
+    gpt-distilled  a GPT distilled from a teacher (+ T, alpha, the teacher)  training.distill.distill  the same
     seq2seq    an encoder-decoder transformer              save_seq2seq              npflux seq2seq decode / eval
     sae        a sparse autoencoder                        save_sae                  npflux sae features
 
@@ -17,6 +18,7 @@ time used; the first rule that matches wins, in the order of ``KINDS``:
     sae        the config has "sae"
     seq2seq    config["model_type"] == "seq2seq"
     gpt-lora   the config has "adapter"
+    gpt-distilled  the config has "distill"
     gpt-int8   the config has "quantization"
     gpt        the config has "model"
 
@@ -40,7 +42,7 @@ from ..nn.lora import lora_modules, lora_parameters
 from ..nn.quant import QuantizedLinear, named_buffers
 from . import MODEL_FILE, CheckpointError, load_checkpoint, read_meta, save_checkpoint, sha256_file
 
-GPT_KINDS = ("gpt", "gpt-int8", "gpt-lora")
+GPT_KINDS = ("gpt", "gpt-int8", "gpt-lora", "gpt-distilled")
 
 
 class WrongKind(CheckpointError):
@@ -83,6 +85,23 @@ def _load_gpt(ckpt, directory, backend=None, dtype=None):
     model = GPT(GPTConfig.from_dict(ckpt.config["model"]), backend=backend, dtype=dtype or _train_dtype(ckpt))
     model.load_state_dict(ckpt.model_state)
     return model, _tokenizer(ckpt)
+
+
+# ---------------------------------------------------------------------------
+# gpt-distilled: a gpt checkpoint whose config also has {"distill": {temperature, alpha, teacher}}
+# ---------------------------------------------------------------------------
+
+
+def save_distilled(directory, model, distill: dict, tokenizer=None, train: dict | None = None, extra=None, step=0):
+    """A distilled student's checkpoint: ``save_gpt``'s layout plus ``distill`` (temperature, alpha and the
+    teacher: its model config, path and SHA-256), kind ``gpt-distilled``; it loads as any GPT.
+
+    ``npflux.training.distill.distill`` writes the same layout through ``train``, adding what resuming needs.
+    """
+    config = {"model": model.config.to_dict(), "train": {**(train or {}), "dtype": model.dtype.name},
+              "distill": distill}
+    return save_checkpoint(directory, model.state_dict(), config, tokenizer=tokenizer, step=step, extra=extra,
+                           kind="gpt-distilled")
 
 
 # ---------------------------------------------------------------------------
@@ -314,6 +333,7 @@ KINDS = {k.name: k for k in (  # in the order old checkpoints are recognised
          lambda c: c.get("model_type") == MODEL_TYPE, save_seq2seq, _load_seq2seq),
     Kind("gpt-lora", "a GPT's LoRA adapters", _GPT_COMMAND, lambda c: "adapter" in c, save_adapter, _load_lora),
     Kind("gpt-int8", "an int8 GPT", _GPT_COMMAND, lambda c: "quantization" in c, save_quantized, _load_int8),
+    Kind("gpt-distilled", "a distilled GPT", _GPT_COMMAND, lambda c: "distill" in c, save_distilled, _load_gpt),
     Kind("gpt", "a GPT", _GPT_COMMAND, lambda c: "model" in c, save_gpt, _load_gpt),
 )}
 
@@ -376,5 +396,5 @@ def load_model(directory, backend=None, dtype=None, *, expect=None, **options):
 
 
 __all__ = ["GPT_KINDS", "KINDS", "Kind", "WrongKind", "infer_kind", "kind_at", "load_adapter", "load_model",
-           "load_sae", "load_seq2seq", "model_from", "save_adapter", "save_gpt", "save_quantized", "save_sae",
+           "load_sae", "load_seq2seq", "model_from", "save_adapter", "save_distilled", "save_gpt", "save_quantized", "save_sae",
            "save_seq2seq"]

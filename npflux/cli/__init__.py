@@ -1,6 +1,7 @@
 """The ``npflux`` command line: thin argparse over the library, one module per command group.
 
     npflux train --preset shakespeare-s1 [--data PATH] [--out-dir out] [--resume] ...   cli/train.py
+    npflux distill --teacher CKPT --preset shakespeare-s1 [--temperature 2 --alpha 0.5]  cli/distill.py
     npflux sample --checkpoint out/ckpt --prompt "ROMEO:" ...                            cli/sample.py
     npflux eval --checkpoint out/ckpt --text FILE                                        cli/eval.py
     npflux gradcheck                                                                     cli/gradcheck.py
@@ -26,7 +27,7 @@ import importlib
 from .. import __version__, settings
 from ..backend import BackendUnavailable
 
-COMMAND_GROUPS = ("train", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention", "interp",
+COMMAND_GROUPS = ("train", "distill", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention", "interp",
                   "retrieval", "serve")
 
 

@@ -162,8 +162,15 @@ def model_from_checkpoint(directory, backend=None, dtype=None):
 
 
 def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, tokenizer=None, resume=False,
-          log=print, overwrite=False):
+          log=print, overwrite=False, objective=None):
     """Train a GPT on host token arrays; returns (model, TrainState). Writes into ``cfg.out_dir``.
+
+    ``objective``: what each step minimises, when not the next token's
+    cross-entropy: an object with ``kind`` (the checkpoint kind it saves),
+    ``config`` (a dict saved in the checkpoint's config under ``kind``'s
+    key ``config_key``, and checked on ``resume``), ``loss(model, batch)`` and
+    ``backward(model, scale)`` (``npflux.training.distill.Distillation``). The
+    evaluations stay the cross-entropy of the labels, so runs compare.
 
     ``out_dir/ckpt`` is the latest checkpoint, ``out_dir/log.jsonl`` one JSON
     line per evaluation, ``out_dir/loss.png`` the loss curves. A checkpoint
@@ -175,7 +182,8 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     """
     out = Path(cfg.out_dir)
     ckpt_dir, log_path = out / "ckpt", out / "log.jsonl"
-    claim = claim_output(ckpt_dir, kind="gpt", resume=resume, overwrite=overwrite, companions=[log_path], log=log)
+    kind = objective.kind if objective is not None else "gpt"
+    claim = claim_output(ckpt_dir, kind=kind, resume=resume, overwrite=overwrite, companions=[log_path], log=log)
     backend = get_backend(cfg.backend)
     dtype = resolve_dtype(cfg.dtype)
     block_size = cfg.block_size or model_config.block_size
@@ -194,6 +202,9 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         if saved != model_config:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the requested {model_config}")
         _check_resume_state(ckpt, ckpt_dir)
+        if objective is not None and ckpt.config.get(objective.config_key) != objective.config:
+            raise CheckpointError(f"--resume: {ckpt_dir} was trained with {objective.config_key} "
+                                  f"{ckpt.config.get(objective.config_key)}, not {objective.config}")
         model.load_state_dict(ckpt.model_state)
         opt.load_state_dict(ckpt.optimizer_state)
         try:
@@ -232,14 +243,15 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
         nonlocal saved_step
         save_checkpoint(
             ckpt_dir, model_state=model.state_dict(),
-            config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg)},
+            config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg),
+                    **({objective.config_key: objective.config} if objective is not None else {})},
             tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
             optimizer_state=opt.state_dict(), step=state.step,
             rng_state={"batch": rng_state_to_json(batch_rng),
                        "dropout": None},  # masks are reseeded from (seed, step) at every step
             extra={"train_state": {"best_val": state.best_val, "evals_since_best": state.evals_since_best,
                                    "history": state.history}},
-            kind="gpt",  # save_gpt's layout, plus what resuming needs
+            kind=kind,  # save_gpt's layout, plus what resuming needs
         )
         saved_step = state.step
 
@@ -265,7 +277,9 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
             if has_dropout:  # the step's masks depend on (seed, step) alone: resume draws the same ones
                 reseed_dropout(model, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
             micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng) for _ in range(cfg.grad_accum)]
-            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip)
+            hooks = {} if objective is None else {"loss": lambda batch: objective.loss(model, batch),
+                                                  "backward": lambda scale: objective.backward(model, scale)}
+            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip, **hooks)
             state.step += 1
             tokens_since += tokens_per_step
 
