@@ -19,7 +19,7 @@ import npflux.checkpoint as ckpt_mod
 from npflux.backend import to_numpy
 from npflux.checkpoint import (
     GPT_KINDS, KINDS, CheckpointError, WrongKind, kind_at, load_checkpoint, load_model, save_adapter, save_checkpoint,
-    save_distilled, save_gpt, save_quantized, save_sae, save_seq2seq,
+    save_distilled, save_gpt, save_quantized, save_reader, save_sae, save_seq2seq,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints"
 EXPECTED = safetensors.numpy.load_file(str(FIXTURES / "expected.safetensors"))
 PROMPT = "To be, o"  # make_checkpoints.PROMPT: the GPT fixtures' outputs are their logits on it
 # Kinds added after meta.json had a "kind": no checkpoint of theirs was ever written without one,
-# so they have no old fixture; each is saved fresh from the old fixture named here and must compute the same.
-BORN_WITH_KIND = {"gpt-distilled": "gpt"}
+# so they have no old fixture (their own tests save and load them: tests/test_distill.py, tests/test_reader.py).
+BORN_WITH_KIND = {"gpt-distilled", "reader"}
 OLD_KINDS = [k for k in KINDS if k not in BORN_WITH_KIND]
 
 
@@ -70,7 +70,7 @@ def fresh_save(kind, model, tokenizer, ckpt, directory, base=FIXTURES / "gpt"):
 def test_there_is_a_fixture_and_a_save_of_every_kind():
     assert sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) == sorted(OLD_KINDS)
     saves = {"gpt": save_gpt, "gpt-int8": save_quantized, "gpt-lora": save_adapter, "seq2seq": save_seq2seq,
-             "sae": save_sae, "gpt-distilled": save_distilled}
+             "sae": save_sae, "gpt-distilled": save_distilled, "reader": save_reader}
     assert {name: kind.save for name, kind in KINDS.items()} == saves
 
 

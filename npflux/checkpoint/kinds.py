@@ -7,6 +7,7 @@
     gpt-distilled  a GPT distilled from a teacher (+ T, alpha, the teacher)  training.distill.distill  the same
     seq2seq    an encoder-decoder transformer              save_seq2seq              npflux seq2seq decode / eval
     sae        a sparse autoencoder                        save_sae                  npflux sae features
+    reader     an extractive QA reader and its vocabulary  save_reader               npflux ask --reader
 
     model, tokenizer, ckpt = load_model("out/ckpt")                    # any kind
     model, tokenizer, ckpt = load_model("out/ckpt", expect=GPT_KINDS)  # another kind: a one-line WrongKind
@@ -16,6 +17,7 @@ field existed is recognised by its config, by the rules the loaders of that
 time used; the first rule that matches wins, in the order of ``KINDS``:
 
     sae        the config has "sae"
+    reader     the config has "reader"
     seq2seq    config["model_type"] == "seq2seq"
     gpt-lora   the config has "adapter"
     gpt-distilled  the config has "distill"
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..models import GPT, GPTConfig
+from ..models.reader import Reader, ReaderConfig, ReaderVocab
 from ..models.sae import SAEConfig, SparseAutoencoder
 from ..models.seq2seq import MODEL_TYPE, Seq2SeqConfig, Seq2SeqTransformer
 from ..nn.convert import apply_lora, refresh_flat_parameters, set_submodule
@@ -309,6 +312,33 @@ def load_sae(directory, backend=None, dtype=None):
 
 
 # ---------------------------------------------------------------------------
+# reader: config {"reader": ReaderConfig, "vocab": ReaderVocab.to_dict(), "train": {...}}; no tokenizer
+# ---------------------------------------------------------------------------
+
+
+def save_reader(directory, reader, vocab, train: dict | None = None, extra=None):
+    """An extractive reader: its weights, ReaderConfig and word vocabulary (which is its tokenizer)."""
+    if vocab.size != reader.config.vocab_size:
+        raise ValueError(f"save_reader: the vocabulary has {vocab.size} ids, the reader {reader.config.vocab_size}")
+    config = {"reader": reader.config.to_dict(), "vocab": vocab.to_dict(),
+              "train": {**(train or {}), "dtype": reader.dtype.name}}
+    return save_checkpoint(directory, reader.state_dict(), config, extra=extra, kind="reader")
+
+
+def _load_reader(ckpt, directory, backend=None, dtype=None):
+    reader = Reader(ReaderConfig.from_dict(ckpt.config["reader"]), backend=backend,
+                    dtype=dtype or _train_dtype(ckpt))
+    reader.load_state_dict(ckpt.model_state)
+    return reader, ReaderVocab.from_dict(ckpt.config["vocab"])
+
+
+def load_reader(directory, backend=None, dtype=None):
+    """(reader, vocabulary) from a checkpoint written by ``save_reader``."""
+    reader, vocab, _ = load_model(directory, backend, dtype, expect=("reader",))
+    return reader, vocab
+
+
+# ---------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------
 
@@ -329,6 +359,8 @@ _GPT_COMMAND = "npflux sample --checkpoint {path}"
 KINDS = {k.name: k for k in (  # in the order old checkpoints are recognised
     Kind("sae", "a sparse autoencoder", "npflux sae features --sae {path} --out REPORT",
          lambda c: "sae" in c, save_sae, _load_sae),
+    Kind("reader", "an extractive reader", "npflux ask --reader {path} --docs FILE QUESTION",
+         lambda c: "reader" in c, save_reader, _load_reader),
     Kind("seq2seq", "a seq2seq model", "npflux seq2seq decode --checkpoint {path} SOURCE...",
          lambda c: c.get("model_type") == MODEL_TYPE, save_seq2seq, _load_seq2seq),
     Kind("gpt-lora", "a GPT's LoRA adapters", _GPT_COMMAND, lambda c: "adapter" in c, save_adapter, _load_lora),
@@ -396,5 +428,5 @@ def load_model(directory, backend=None, dtype=None, *, expect=None, **options):
 
 
 __all__ = ["GPT_KINDS", "KINDS", "Kind", "WrongKind", "infer_kind", "kind_at", "load_adapter", "load_model",
-           "load_sae", "load_seq2seq", "model_from", "save_adapter", "save_distilled", "save_gpt", "save_quantized", "save_sae",
-           "save_seq2seq"]
+           "load_reader", "load_sae", "load_seq2seq", "model_from", "save_adapter", "save_distilled", "save_gpt",
+           "save_quantized", "save_reader", "save_sae", "save_seq2seq"]

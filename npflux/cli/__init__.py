@@ -10,7 +10,8 @@
     npflux seq2seq train | decode | eval                                                 cli/seq2seq.py
     npflux attention                                                                     cli/attention.py
     npflux activations | sae train | sae features                                        cli/interp.py
-    npflux index | search | ask                                                          cli/retrieval.py
+    npflux index | search | ask [--reader CKPT]                                          cli/retrieval.py
+    npflux reader train                                                                  cli/reader.py
     npflux serve                                                                         cli/serve.py
 
 Each module defines ``add_parsers(subparsers)``, which adds its commands with
@@ -28,7 +29,7 @@ from .. import __version__, settings
 from ..backend import BackendUnavailable
 
 COMMAND_GROUPS = ("train", "distill", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention", "interp",
-                  "retrieval", "serve")
+                  "retrieval", "reader", "serve")
 
 
 def build_parser():
