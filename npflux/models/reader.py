@@ -36,7 +36,6 @@ import numpy as np
 from .. import ops
 from ..backend import check_int, get_backend, to_numpy
 from ..nn import Embedding, Linear, Module, PositionalEmbedding, TransformerEncoder
-from ..tasks.qa import word_spans
 from .config import ConfigDict
 
 PAD, CLS, SEP = 0, 1, 2
@@ -92,6 +91,7 @@ class ReaderVocab:
     @classmethod
     def build(cls, texts, min_count: int = 20, n_buckets: int = 1024) -> "ReaderVocab":
         """The lower-cased words that occur at least ``min_count`` times in ``texts``, most frequent first."""
+        from ..tasks.qa import word_spans  # here: npflux.tasks loads a tokenizer, which npflux.checkpoint must not
         counts = Counter(w.lower() for t in texts for w, _, _ in word_spans(t))
         return cls(sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)), n_buckets)
 
@@ -127,6 +127,8 @@ class ReaderVocab:
         room left by the question is cut into windows ``stride`` words apart
         (default: half the room), so every word is in some window.
         """
+        from ..tasks.qa import word_spans
+
         q = word_spans(question)[: block_size // 2]
         p = word_spans(passage)
         room = block_size - len(q) - 2
