@@ -126,9 +126,10 @@ def test_generator_answers_are_spans_of_their_passage_and_reproducible():
     # invented content words: few words repeat across examples apart from the templates' grammar
     words = [w.lower() for e in a for w, _, _ in word_spans(e.passage)]
     from collections import Counter
-    frequent = {w for w, c in Counter(words).items() if c >= 20}
-    assert frequent <= set(" ".join(e.passage.lower() for e in a).split()) | set(".,?")
-    assert len(frequent) < 80
+    counts = Counter(words)
+    frequent = {w for w, c in counts.items() if c >= 20}
+    assert len(frequent) < 150 and len(counts) > 10 * len(frequent)  # a small grammar, a large invented lexicon
+    assert {"the", "is", "of", "by", "was"} <= frequent
 
 
 # ==========================================================================

@@ -109,8 +109,16 @@ class _Draw:
     def pick(self, items):
         return items[int(self.rng.integers(len(items)))]
 
-    def name(self):  # a person: two capitalised pseudo-words
-        return f"{pseudo_word(self.rng).capitalize()} {pseudo_word(self.rng).capitalize()}"
+    def name(self):  # a person: one to three capitalised pseudo-words, sometimes with a particle ("da", "van")
+        r = self.rng.random()
+        first, last = pseudo_word(self.rng).capitalize(), pseudo_word(self.rng).capitalize()
+        if r < 0.15:
+            return last
+        if r < 0.3:
+            return f"{first} {self.pick(['da', 'de', 'van', 'von', 'al', 'del'])} {last}"
+        if r < 0.4:
+            return f"{first} {pseudo_word(self.rng).capitalize()} {last}"
+        return f"{first} {last}"
 
     def thing(self):  # a thing: "the kelmira", "the drosk engine", "Velmorine"
         r = self.rng.random()
@@ -128,15 +136,35 @@ class _Draw:
         third = base + ("es" if base.endswith(("s", "sh", "x", "th")) else "s")
         return base, third, base + ("d" if base.endswith("e") else "ed")
 
-    def phrase(self):  # a noun phrase of 1-4 words: "glor", "the trindle of varks"
+    def word(self):  # a noun, now and then hyphenated ("glor-vantic")
+        return f"{self.noun()}-{self.noun()}" if self.rng.random() < 0.1 else self.noun()
+
+    def phrase(self, depth=0):  # a noun phrase of 1 to about 10 words: "glor", "the trindle of varks", ...
         r = self.rng.random()
-        if r < 0.3:
-            return self.noun()
-        if r < 0.6:
-            return f"{self.noun()} {self.noun()}"
-        if r < 0.85:
-            return f"{self.pick(['the ', 'a ', ''])}{self.noun()} of {self.noun()}s"
-        return f"{self.noun()} {self.pick(['from', 'with', 'to', 'in', 'for'])} {self.noun()} {self.noun()}"
+        if r < 0.2:
+            out = self.word()
+        elif r < 0.4:
+            out = f"{self.word()} {self.word()}"
+        elif r < 0.55:
+            out = f"{self.word()} {self.word()} {self.word()}"
+        elif r < 0.75:
+            out = f"{self.pick(['the ', 'a ', ''])}{self.word()} of {self.word()}s"
+        elif r < 0.9:
+            out = f"{self.word()} {self.pick(['from', 'with', 'to', 'in', 'for', 'through'])} {self.word()} {self.word()}"
+        else:
+            out = f"{self.verb()[0]}ing {self.word()} {self.pick(['to', 'into', 'from'])} {self.word()} {self.word()}s"
+        if depth == 0 and self.rng.random() < 0.15:  # coordination: "X and Y", "X or Y"
+            out = f"{out} {self.pick(['and', 'or'])} {self.phrase(depth=1)}"
+        return out
+
+    def tail(self):  # what may follow an answer in its sentence (not part of it)
+        if self.rng.random() < 0.55:
+            return ""
+        return " " + self.pick([f"during {self.noun()}", f"at {self.noun()} level", f"for some {self.noun()}s",
+                                f"throughout the {self.noun()}", f"in {self.noun()} {self.noun()}s",
+                                f"by {self.verb()[0]}ing {self.noun()}s", f"in their {self.noun()}s",
+                                f"to {self.verb()[0]} {self.noun()}s", f"with {self.noun()}", "each year",
+                                "today", f"since {self.year()}"])
 
     def number(self):
         r = self.rng.random()
@@ -271,7 +299,22 @@ def _relations():
         q = d.pick([f"What helps {base} {obj}?", f"What {third} {obj}?"])
         return y, fact, y, q
 
-    return [agent, definition, object_, count, when, superlative, role, purpose, manner, measure, acronym, used, helps]
+    def kind_of(d):  # what kind of / which: the answer holds the kind's own noun ("dense retrieval")
+        x, kind = d.thing(), d.noun()
+        base, third, past = d.verb()
+        y = f"{d.pick([d.noun(), d.noun() + '-' + d.noun(), d.noun().capitalize()])} {kind}"
+        other = d.verb()
+        if d.rng.random() < 0.5:
+            what = d.phrase()
+            fact = f"{_cap(x)} {third} {{A}} for {what}."
+            q = d.pick([f"What kind of {kind} does {x} {base} for {what}?", f"Which {kind} does {x} {base}?"])
+        else:
+            fact = f"{{A}} is {past} to {other[0]} {x}."
+            q = d.pick([f"Which {kind} is {past} to {other[0]} {x}?", f"What kind of {kind} is {past} to {other[0]} {x}?"])
+        return x, fact, y, q
+
+    return [agent, definition, object_, count, when, superlative, role, purpose, manner, measure, acronym, used, helps,
+            kind_of]
 
 
 RELATIONS = _relations()
@@ -285,21 +328,38 @@ class SyntheticQA:
         self.no_answer = no_answer
         self.distractors = distractors
 
-    def fact(self):
-        """(fact sentence, answer, question, answer's character offsets in the sentence)."""
+    def fact(self, subject=None, avoid=None):
+        """(sentence, answer, question, answer's character offsets in the sentence, subject, relation).
+
+        ``subject``: write the fact about this thing instead of a fresh one
+        (a distractor about the question's own subject, by another relation
+        than ``avoid``), where the relation's subject is not its answer.
+        """
         d = _Draw(self.rng)
         while True:
-            _, fact, answer, question = d.pick(RELATIONS)(d)
-            if "{A}" in fact:
-                break
+            relation = d.pick(RELATIONS)
+            own, fact, answer, question = relation(d)
+            if "{A}" not in fact or relation is avoid:
+                continue
+            if subject is not None:
+                if own == answer or own not in fact:
+                    continue
+                fact, question = fact.replace(_cap(own), _cap(subject)).replace(own, subject), None
+                own = subject
+            break
+        if fact.endswith("{A}."):  # something may follow the answer in its sentence
+            fact = fact[:-1] + d.tail() + "."
         at = fact.index("{A}")
-        sentence = fact.replace("{A}", answer, 1)
-        sentence = _cap(sentence)
-        return sentence, answer, question, (at, at + len(answer))
+        sentence = _cap(fact.replace("{A}", answer, 1))
+        return sentence, answer, question, (at, at + len(answer)), own, relation
 
     def example(self) -> QAExample:
-        sentence, answer, question, (a, b) = self.fact()
-        others = [self.fact()[0] for _ in range(int(self.rng.integers(self.distractors[0], self.distractors[1] + 1)))]
+        sentence, answer, question, (a, b), subject, relation = self.fact()
+        n = int(self.rng.integers(self.distractors[0], self.distractors[1] + 1))
+        others = [self.fact()[0] for _ in range(n)]
+        if subject != answer and self.rng.random() < 0.5:  # another fact about the same subject: a near miss
+            others = others[1:] + [self.fact(subject=subject, avoid=relation)[0]]
+            self.rng.shuffle(others)
         if self.rng.random() < self.no_answer:  # the question's fact is not in the passage
             others = others or [self.fact()[0]]
             return QAExample(question, " ".join(others), None)
