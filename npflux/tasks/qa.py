@@ -157,14 +157,16 @@ class _Draw:
             out = f"{out} {self.pick(['and', 'or'])} {self.phrase(depth=1)}"
         return out
 
-    def tail(self):  # what may follow an answer in its sentence (not part of it)
-        if self.rng.random() < 0.55:
+    def tail(self):  # what may follow an answer in its sentence (not part of it): a prepositional phrase or adverb
+        r = self.rng.random()
+        if r < 0.55:
             return ""
-        return " " + self.pick([f"during {self.noun()}", f"at {self.noun()} level", f"for some {self.noun()}s",
-                                f"throughout the {self.noun()}", f"in {self.noun()} {self.noun()}s",
-                                f"by {self.verb()[0]}ing {self.noun()}s", f"in their {self.noun()}s",
-                                f"to {self.verb()[0]} {self.noun()}s", f"with {self.noun()}", "each year",
-                                "today", f"since {self.year()}"])
+        if r < 0.65:
+            return " " + self.pick(["today", "again", "too", "often", "each year", "at first", "as well", "in time"])
+        prep = self.pick(["in", "on", "at", "for", "from", "during", "throughout", "with", "without", "under", "over",
+                          "after", "before", "across", "among", "since", "until", "within", "by", "near", "into"])
+        det = self.pick(["the ", "some ", "their ", "its ", "each ", "a ", "all ", ""])
+        return f" {prep} {det}{self.noun()}{self.pick(['', 's', ' ' + self.noun() + 's'])}"
 
     def number(self):
         r = self.rng.random()
