@@ -346,7 +346,9 @@ class SyntheticQA:
             if subject is not None:
                 if own == answer or own not in fact:
                     continue
-                fact, question = fact.replace(_cap(own), _cap(subject)).replace(own, subject), None
+                if fact.startswith(_cap(own)):  # the subject opens the sentence: capitalised there only
+                    fact = _cap(subject) + fact[len(own):]
+                fact, question = fact.replace(own, subject), None
                 own = subject
             break
         if fact.endswith("{A}."):  # something may follow the answer in its sentence
