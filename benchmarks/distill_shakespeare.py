@@ -100,7 +100,7 @@ def main():
         "benchmark": "distill_shakespeare", "machine": machine_info(args.threads),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "command": "python benchmarks/distill_shakespeare.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("json",)),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json" and v is not None),
         "teacher": {"checkpoint": args.teacher, "preset": "shakespeare-s2", "steps": teacher_steps,
                     "parameters": teacher.num_parameters(), "val_loss_full_split": teacher_loss},
         "student": {"preset": "shakespeare-s1", "parameters": GPT(student).num_parameters(), "steps": args.steps,
