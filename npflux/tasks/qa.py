@@ -351,6 +351,15 @@ class SyntheticQA:
                 fact, question = fact.replace(own, subject), None
                 own = subject
             break
+        words = answer.split()
+        if question is not None and len(words) >= 2 and self.rng.random() < 0.25:
+            # an answer may repeat a word of its question ("What does gradient clipping prevent?" /
+            # "exploding gradients"): one of its words becomes one of the subject's
+            own_words = [w for w in own.split() if w.lower() not in ("the", "a", "an")]
+            if own_words and own != answer:
+                i = int(self.rng.integers(len(words)))
+                words[i] = own_words[int(self.rng.integers(len(own_words)))].lower() + d.pick(["", "s"])
+                answer = " ".join(words)
         if fact.endswith("{A}."):  # something may follow the answer in its sentence
             fact = fact[:-1] + d.tail() + "."
         at = fact.index("{A}")
