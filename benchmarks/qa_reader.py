@@ -71,9 +71,8 @@ def main():
 
     from benchlib import machine_info
     from npflux.checkpoint import load_checkpoint, load_reader
-    from npflux.models.reader import read
     from npflux.retrieval import DocumentIndex, answer_with_reader
-    from npflux.tasks.qa import SyntheticQA, word_spans
+    from npflux.tasks.qa import SyntheticQA, read, word_spans
 
     load_before = os.getloadavg()
     rows = [json.loads(line) for line in Path(args.qa).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -559,14 +559,14 @@ def answer_with_reader(index, reader, vocab, question: str, k: int = 3, threshol
     """Retrieve the top ``k`` passages, let the reader point at the best span of each, answer with the best.
 
     A span's score is how far its start and end logits beat the passage's
-    "no answer" ([CLS]) logits (``npflux.models.reader.best_spans``); the
+    "no answer" ([CLS]) logits (``npflux.tasks.qa.best_spans``); the
     answer is the highest-scoring span over the k passages, or None ("no
     answer found") when no span scores above ``threshold``. Returns
     {"answer", "score", "source": the passage it came from (rank, line,
     text, retrieval score, span offsets) or None, "candidates": every
     passage's best span}.
     """
-    from .models.reader import read
+    from .tasks.qa import read
 
     results = index.search(question, k)
     spans = read(reader, vocab, question, [r.text for r in results]) if results else []

@@ -135,9 +135,9 @@ def test_generator_answers_are_spans_of_their_passage_and_reproducible():
 # ==========================================================================
 # the model
 # ==========================================================================
-from npflux.models.reader import (  # noqa: E402
-    CLS, Reader, ReaderConfig, ReaderVocab, best_spans, collate, read, stem,
-)
+from npflux.models.reader import CLS, Reader, ReaderConfig  # noqa: E402
+from npflux.tasks.qa import best_spans, read  # noqa: E402
+from npflux.tokenizers.words import ReaderVocab, collate, stem  # noqa: E402
 
 
 @pytest.mark.parametrize("a, b", [("boils", "boil"), ("created", "create"), ("orbits", "orbit"),

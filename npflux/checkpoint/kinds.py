@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..models import GPT, GPTConfig
-from ..models.reader import Reader, ReaderConfig, ReaderVocab
+from ..models.reader import Reader, ReaderConfig
 from ..models.sae import SAEConfig, SparseAutoencoder
 from ..models.seq2seq import MODEL_TYPE, Seq2SeqConfig, Seq2SeqTransformer
 from ..nn.convert import apply_lora, refresh_flat_parameters, set_submodule
@@ -329,6 +329,8 @@ def _load_reader(ckpt, directory, backend=None, dtype=None):
     reader = Reader(ReaderConfig.from_dict(ckpt.config["reader"]), backend=backend,
                     dtype=dtype or _train_dtype(ckpt))
     reader.load_state_dict(ckpt.model_state)
+    from ..tokenizers.words import ReaderVocab  # here: importing npflux.checkpoint loads no tokenizer
+
     return reader, ReaderVocab.from_dict(ckpt.config["vocab"])
 
 

@@ -1,6 +1,6 @@
 """Extractive question answering: words with their offsets, SQuAD's metrics, and a generator of synthetic QA pairs.
 
-Words. ``word_spans(text)`` cuts text into words (``\\w+`` runs, with the
+Words. ``word_spans(text)`` (``npflux.tokenizers.words``) cuts text into words (``\\w+`` runs, with the
 digits of "299,792" or "1.45" kept in one word) and single punctuation
 marks, each with its character offsets, so a span of words is a span of the
 original text.
@@ -36,12 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_WORD = re.compile(r"\d+(?:[.,]\d+)*|\w+|[^\w\s]")
-
-
-def word_spans(text: str) -> list:
-    """[(word, start, end)] of ``text``: words and single punctuation marks with their character offsets."""
-    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
+from ..backend import to_numpy
+from ..tokenizers.words import collate, word_spans
 
 
 # ---------------------------------------------------------------------------
@@ -385,3 +381,71 @@ class SyntheticQA:
 
     def take(self, n: int) -> list:
         return [self.example() for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# reading: a reader's best span of each passage
+# ---------------------------------------------------------------------------
+
+
+def best_spans(start, end, allowed, max_words: int):
+    """Per row: (i, j, score) of the best span i <= j < i + max_words over the allowed positions but [CLS],
+    with score = start[i] + end[j] - (start[0] + end[0]): how far the span beats "no answer".
+
+    Host arrays in, host values out (a row with no passage word gets (0, 0, -inf)).
+    """
+    start, end, allowed = to_numpy(start).astype(np.float64), to_numpy(end).astype(np.float64), to_numpy(allowed)
+    B, T = start.shape
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    band = (j >= i) & (j < i + max_words)
+    out = []
+    for b in range(B):
+        ok = allowed[b].copy()
+        ok[0] = False
+        valid = band & ok[:, None] & ok[None, :]
+        if not valid.any():
+            out.append((0, 0, -np.inf))
+            continue
+        scores = np.where(valid, start[b][:, None] + end[b][None, :], -np.inf)
+        k = int(np.argmax(scores))
+        out.append((k // T, k % T, float(scores.flat[k] - (start[b, 0] + end[b, 0]))))
+    return out
+
+
+@dataclass
+class Span:
+    """An answer read from a passage: its text, characters [start, end) in the passage, and its score."""
+    text: str
+    start: int
+    end: int
+    score: float
+
+
+def read_pairs(reader, vocab, pairs, batch_size: int = 64) -> list:
+    """The best span (a ``Span``) of each (question, passage) pair, over the passage's windows when long; eval mode.
+
+    ``reader`` is an ``npflux.models.Reader``, ``vocab`` its ``npflux.tokenizers.words.ReaderVocab``.
+    """
+    windows, owner = [], []
+    for n, (question, passage) in enumerate(pairs):
+        for w in vocab.encode(question, passage, reader.config.block_size):
+            windows.append(w)
+            owner.append(n)
+    best = [Span("", 0, 0, -np.inf) for _ in pairs]
+    with reader.evaluating():
+        for lo in range(0, len(windows), batch_size):
+            chunk, owners = windows[lo: lo + batch_size], owner[lo: lo + batch_size]
+            batch = collate(chunk)
+            (start, end), _ = reader.forward(batch)
+            spans = best_spans(start, end, batch["allowed"], reader.config.max_answer_words)
+            for w, n, (i, j, score) in zip(chunk, owners, spans):
+                if score > best[n].score:
+                    a, b = w["offsets"][i][0], w["offsets"][j][1]
+                    best[n] = Span(pairs[n][1][a:b], a, b, score)
+    reader.loss_cache = None
+    return best
+
+
+def read(reader, vocab, question: str, passages, batch_size: int = 64) -> list:
+    """The best span of each passage for ``question``: ``read_pairs`` with one question."""
+    return read_pairs(reader, vocab, [(question, p) for p in passages], batch_size)

@@ -20,8 +20,9 @@ from pathlib import Path
 from .. import optim
 from ..backend import get_backend, resolve_dtype
 from ..checkpoint.outdir import claim_output
-from ..models.reader import Reader, ReaderConfig, ReaderVocab, collate, read_pairs
-from ..tasks.qa import SyntheticQA, exact_match, token_f1
+from ..models.reader import Reader, ReaderConfig
+from ..tasks.qa import SyntheticQA, exact_match, read_pairs, token_f1
+from ..tokenizers.words import ReaderVocab, collate
 from .loop import RunLog, progress, train_step
 
 
