@@ -28,8 +28,8 @@ import importlib
 from .. import __version__, settings
 from ..backend import BackendUnavailable
 
-COMMAND_GROUPS = ("train", "distill", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention", "interp",
-                  "retrieval", "reader", "serve")
+COMMAND_GROUPS = ("train", "distill", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention",
+                  "interp", "retrieval", "reader", "serve")
 
 
 def build_parser():
