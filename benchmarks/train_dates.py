@@ -1,4 +1,4 @@
-"""Train the encoder-decoder on the dates task; exact match on held-out dates, greedy and beam 4.
+"""Train the encoder-decoder on the dates task; exact match, BLEU and chrF (sacrebleu) on held-out dates, greedy and beam 4.
 
     python benchmarks/train_dates.py [--iters 3000] [--batch-size 64] [--n-embd 64] [--n-head 4]
         [--layers 2] [--positions sinusoidal|learned] [--lr 2e-3] [--threads 1]
@@ -22,6 +22,7 @@ from pathlib import Path
 import benchlib as bench
 from npflux.tasks import DateTask
 from npflux.train_seq2seq import Seq2SeqTrainConfig, exact_match, model_config_for, train_seq2seq
+from npflux.training.seq2seq import bleu_chrf
 
 
 def main():
@@ -61,10 +62,12 @@ def main():
         accuracy, outputs = exact_match(model, task.tokenizer, heldout, beam_size=beam, progress=not args.quiet)
         seconds = time.perf_counter() - t
         errors = [{"source": s, "target": y, "output": o} for (s, y), o in zip(heldout, outputs) if o != y]
-        results[f"beam{beam}"] = {"exact_match": accuracy, "correct": len(heldout) - len(errors),
+        scores = bleu_chrf(outputs, [y for _, y in heldout])
+        results[f"beam{beam}"] = {"exact_match": accuracy, **scores, "correct": len(heldout) - len(errors),
                                   "decode_seconds": round(seconds, 2), "errors": errors[:20]}
         print(f"{'greedy' if beam == 1 else f'beam {beam}'}: exact match {accuracy:.4f} "
-              f"({len(heldout) - len(errors)}/{len(heldout)}), decoded in {seconds:.1f} s")
+              f"({len(heldout) - len(errors)}/{len(heldout)}), BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}, "
+              f"decoded in {seconds:.1f} s")
         for e in errors[:5]:
             print(f"   {e['source']!r} -> {e['output']!r} (want {e['target']})")
     train_seconds = history[-1]["train_seconds"]

@@ -32,10 +32,17 @@ of the central difference itself,
 
     floor = NOISE_FACTOR * machine_eps * sum(|f(x) * dout|) / eps * sqrt(x.size),
 
-so that a gradient which is zero up to rounding (a saturated softmax gives
-~1e-20, the numerical estimate gives exactly 0) is not reported as a 100%
-error. It is ~1e-9 for O(1) values: any mistake of ordinary size still
-fails, as does a wrong gradient of 1e-15 where the truth is 0.
+and the part of ||a - b|| below it is not counted:
+
+    rel_error(a, b, floor, noise=floor) = max(||a - b|| - floor, 0) / max(||a||, ||b||, floor)
+
+A difference smaller than the noise of the numerical estimate is no evidence
+of a mistake: without this, a gradient that is zero up to rounding (a
+saturated softmax gives ~1e-20, the numerical estimate exactly 0) read as a
+100% error, and a small true gradient beside a large loss (x = -3.8e-5 times
+a = -1.9e-5 plus b = 0.45: a gradient of 1.9e-5 whose central difference
+carries ~1e-11 of rounding, 5e-7 of it) failed a correct backward. The
+floor is ~1e-9 for O(1) values: any mistake of ordinary size still fails.
 
 For large inputs evaluating L twice per element is too slow, so a
 *directional* check is used instead: for a few random unit directions u,
@@ -134,12 +141,13 @@ def numerical_gradient(f, x, dout, eps=1e-6):
     return xp.asarray(grad)
 
 
-def rel_error(a, b, floor=0.0):
-    """Norm-wise relative error ||a - b|| / max(||a||, ||b||, floor); 0 when all three are zero.
+def rel_error(a, b, floor=0.0, noise=0.0):
+    """Norm-wise relative error max(||a - b|| - noise, 0) / max(||a||, ||b||, floor); 0 when all three are zero.
 
     Works for arrays (NumPy or CuPy) and scalars. See the module docstring for
     why the norm-wise form is preferred over an element-wise ratio, and for
-    the ``floor`` the checkers use.
+    the ``floor`` and ``noise`` the checkers use (both the central difference's rounding noise; a
+    caller comparing with another library passes a ``floor`` alone, a scale below which norms don't shrink).
     """
     a = np.asarray(to_numpy(a), dtype=np.float64)
     b = np.asarray(to_numpy(b), dtype=np.float64)
@@ -148,13 +156,13 @@ def rel_error(a, b, floor=0.0):
     scale = max(np.linalg.norm(a.ravel()), np.linalg.norm(b.ravel()), floor)
     if scale == 0.0:
         return 0.0
-    return float(np.linalg.norm((a - b).ravel()) / scale)
+    return float(max(np.linalg.norm((a - b).ravel()) - noise, 0.0) / scale)
 
 
 def directional_error(f, x, grad, dout, eps=1e-6, num_directions=NUM_DIRECTIONS, seed=0, floor=0.0):
     """Largest error of <grad, u> against (L(x + eps u) - L(x - eps u)) / 2 eps over random unit u.
 
-    Each error is |analytic - numerical| / max(||grad||, |numerical|, floor),
+    Each error is max(|analytic - numerical| - floor, 0) / max(||grad||, |numerical|, floor),
     see the module docstring. ``x`` is perturbed in place and restored.
     """
     _require_float64(x, "directional_error: x")
@@ -178,7 +186,7 @@ def directional_error(f, x, grad, dout, eps=1e-6, num_directions=NUM_DIRECTIONS,
         numerical = (plus - minus) / (2.0 * eps)
         analytic = float((g * u).sum())
         scale = max(gnorm, abs(numerical), floor)
-        err = 0.0 if scale == 0.0 else abs(analytic - numerical) / scale
+        err = 0.0 if scale == 0.0 else max(abs(analytic - numerical) - floor, 0.0) / scale
         worst = max(worst, err)
     return worst
 
@@ -257,7 +265,8 @@ def _compare(f, x, analytic, dout, eps, directional, seed, name, noise):
         raise ValueError(f"gradient of {name} has shape {tuple(analytic.shape)}, the input has {tuple(x.shape)}")
     if _use_directional(x, directional):
         return directional_error(f, x, analytic, dout, eps=eps, seed=seed, floor=noise)
-    return rel_error(analytic, numerical_gradient(f, x, dout, eps=eps), floor=noise * np.sqrt(x.size))
+    floor = noise * np.sqrt(x.size)
+    return rel_error(analytic, numerical_gradient(f, x, dout, eps=eps), floor=floor, noise=floor)
 
 
 def _named_inputs(inputs):
@@ -416,6 +425,16 @@ def _op_cases():
                           {"logits": 3 * n(2, 4, 7),
                            "targets": np.array([[0, 6, -100, 3], [2, 2, 5, -100]])})),
         ("dropout p=0.3", "x(3,5)", lambda: check_op(dropout_fwd, ops.dropout_backward, {"x": n(3, 5)})),
+        ("distillation T=2 alpha=0.7", "student,teacher(2,3,6) targets(2,3)",
+         lambda: check_op(ops.distillation_forward, ops.distillation_backward,
+                          {"student_logits": 2 * n(2, 3, 6), "teacher_logits": 2 * n(2, 3, 6),
+                           "targets": np.array([[0, 5, -100], [2, 2, 1]])},
+                          kwargs={"temperature": 2.0, "alpha": 0.7, "teacher_grad": True})),
+        ("span loss", "start,end(2,6) masked",
+         lambda: check_op(ops.span_loss_forward, ops.span_loss_backward,
+                          {"start_logits": 2 * n(2, 6), "end_logits": 2 * n(2, 6), "starts": np.array([3, 5]),
+                           "ends": np.array([4, 5])},
+                          kwargs={"mask": np.array([[False, False, True, True, True, False], [False] + [True] * 5])})),
     ]
     return cases
 

@@ -548,3 +548,31 @@ def build_rag_prompt(question: str, results, template: str = RAG_TEMPLATE, fits=
             break
         used = n
     return fill(used), used
+
+
+# ---------------------------------------------------------------------------
+# Extractive answers: a reader over the retrieved passages
+# ---------------------------------------------------------------------------
+
+
+def answer_with_reader(index, reader, vocab, question: str, k: int = 3, threshold: float = 0.0) -> dict:
+    """Retrieve the top ``k`` passages, let the reader point at the best span of each, answer with the best.
+
+    A span's score is how far its start and end logits beat the passage's
+    "no answer" ([CLS]) logits (``npflux.tasks.qa.best_spans``); the
+    answer is the highest-scoring span over the k passages, or None ("no
+    answer found") when no span scores above ``threshold``. Returns
+    {"answer", "score", "source": the passage it came from (rank, line,
+    text, retrieval score, span offsets) or None, "candidates": every
+    passage's best span}.
+    """
+    from .tasks.qa import read
+
+    results = index.search(question, k)
+    spans = read(reader, vocab, question, [r.text for r in results]) if results else []
+    candidates = [{"rank": r.rank, "line": r.line, "retrieval_score": r.score, "text": r.text, "span": s.text,
+                   "start": s.start, "end": s.end, "score": s.score} for r, s in zip(results, spans)]
+    best = max(candidates, key=lambda c: c["score"], default=None)
+    if best is None or not best["score"] > threshold:
+        return {"answer": None, "score": best["score"] if best else None, "source": None, "candidates": candidates}
+    return {"answer": best["span"], "score": best["score"], "source": best, "candidates": candidates}

@@ -166,5 +166,13 @@ def test_seq2seq_decode_and_eval_commands(s2s_ckpt, gpt_ckpt, capsys):
     report = json.loads(run(["seq2seq", "eval", "--checkpoint", str(path), "--limit", "4"]))
     assert report["examples"] == 4 and report["task_seed"] == 0 and 0.0 <= report["exact_match"] <= 1.0
     assert len(report["errors"]) == round(4 * (1 - report["exact_match"]))
+    import sacrebleu  # BLEU and chrF are sacrebleu's, on the outputs of the same 4 held-out pairs
+
+    pairs = task.heldout()[:4]
+    from npflux.training.seq2seq import translate
+
+    outputs = translate(loaded, tok, [s for s, _ in pairs])
+    assert report["bleu"] == sacrebleu.corpus_bleu(outputs, [[t for _, t in pairs]]).score
+    assert report["chrf"] == sacrebleu.corpus_chrf(outputs, [[t for _, t in pairs]]).score
     assert "not a seq2seq" in fail(["seq2seq", "decode", "--checkpoint", str(gpt_ckpt[0]), "x"], capsys)
     assert "--limit must be at least 1" in fail(["seq2seq", "eval", "--checkpoint", str(path), "--limit", "-1"], capsys)

@@ -155,6 +155,9 @@ def reference_beam_search(model, prompt, k, n_new, alpha, eos_id):
             elif len(beams) < k:
                 beams.append((toks, lp))
         finished = sorted(finished, key=lambda f: -f[0])[:k]
+        if k == 1 and finished:  # width 1 is greedy: its one hypothesis ends at the [EOS] it picked
+            beams = []
+            break
     pool = sorted(finished + [(lp / n_new ** alpha, toks) for toks, lp in beams], key=lambda f: -f[0])[:k]
     return [list(prompt) + list(t) for _, t in pool], [s for s, _ in pool]
 
@@ -163,6 +166,7 @@ def reference_beam_search(model, prompt, k, n_new, alpha, eos_id):
 @given(seed=st.integers(0, 1000), width=st.integers(1, 4), alpha=st.sampled_from([0.0, 0.5, 1.0, -0.5]),
        n_new=st.integers(1, 10))
 @example(seed=0, width=2, alpha=1.0, n_new=10)  # stopping once `width` hypotheses finish, without the bound, fails here
+@example(seed=8, width=1, alpha=1.0, n_new=3)  # width 1 ends at its [EOS] (the reference did not, until it did too)
 def test_stopping_early_returns_what_running_every_step_does(seed, width, alpha, n_new):
     model = tiny(vocab=6, block=16, seed=seed)
     prompt = np.array([1, 2, 1])

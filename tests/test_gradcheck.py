@@ -85,6 +85,27 @@ def test_rel_error_is_normwise_not_elementwise():
     assert rel_error(a, b) < 1e-13
 
 
+def test_rel_error_counts_only_the_difference_above_the_noise_floor():
+    """The central difference's rounding noise (the floor) is no evidence of a mistake; a mistake above it is."""
+    g = np.array([1.9e-5])
+    assert rel_error(g, g + 3e-12, floor=4e-11, noise=4e-11) == 0.0   # rounding: forgiven
+    assert rel_error(g, g + 3e-12) > 1e-7                            # without the floor it read as a failure
+    assert rel_error(g, 2 * g, floor=4e-11, noise=4e-11) == pytest.approx((1.9e-5 - 4e-11) / 3.8e-5)  # still fails
+    assert rel_error(np.zeros(1), np.array([1e-20]), floor=4e-11, noise=4e-11) == 0.0
+    assert rel_error(g, g + 3e-12, floor=1e-3) > 0  # a floor alone (a scale) forgives nothing
+
+
+def test_a_small_true_gradient_beside_a_large_loss_passes_a_correct_backward():
+    """x = -3.8e-5, y = a x + b with a = -1.9e-5, b = 0.45: dL/dx = a dy is 1.9e-5 while L is ~0.45, so the
+    central difference carries ~1e-11 of rounding (5e-7 of the gradient); a correct backward must pass."""
+    x = np.array([-3.84214911e-05])
+    a, b = -1.92107455e-05, 0.45366268
+    errors = check_op(lambda x: (a * x + b, None), lambda d, c: a * d, {"x": x})
+    assert errors["x"] < 1e-7
+    wrong = check_op(lambda x: (a * x + b, None), lambda d, c: 1.01 * a * d, {"x": x})
+    assert wrong["x"] > 1e-3
+
+
 def test_rel_error_shape_mismatch():
     with pytest.raises(ValueError):
         rel_error(np.zeros(2), np.zeros(3))

@@ -318,7 +318,10 @@ def test_torch_correct_ops_pass(torch, dtype, shape, C, seed):
     out, grads = assert_matches_torch(ops.layernorm_forward, ops.layernorm_backward, inputs,
                                       _torch_layernorm(torch), dtype=dtype, seed=seed % 1000)
     assert out.dtype == dtype and set(grads) == {"x", "gamma", "beta"}
-    assert_matches_torch(ops.gelu_forward, ops.gelu_backward, random_inputs({"x": shape}, seed=seed % 1000),
+    # (GELU over shape + (C,), never one element: gelu'(x) = 0 at x = -0.7518, where it is the difference of
+    # two terms ~0.18, so float32 rounding is amplified ~230x there; a single such element as the whole
+    # gradient made the float32 comparison measure that conditioning, not the backward: x = -0.754 gave 1.5e-5)
+    assert_matches_torch(ops.gelu_forward, ops.gelu_backward, random_inputs({"x": shape + (C,)}, seed=seed % 1000),
                          lambda x: torch.nn.functional.gelu(x, approximate="tanh"), dtype=dtype)
 
 

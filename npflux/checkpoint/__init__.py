@@ -376,6 +376,7 @@ def load_checkpoint(directory, optimizer: bool = True) -> Checkpoint:
 
 # The registry of kinds sits on the container (it imports the names above).
 from .kinds import (  # noqa: E402
-    GPT_KINDS, KINDS, Kind, WrongKind, infer_kind, kind_at, load_adapter, load_model, load_sae, load_seq2seq,
-    model_from, save_adapter, save_gpt, save_quantized, save_sae, save_seq2seq,
+    GPT_KINDS, KINDS, Kind, WrongKind, infer_kind, kind_at, load_adapter, load_model, load_reader, load_sae,
+    load_seq2seq, model_from, save_adapter, save_distilled, save_gpt, save_quantized, save_reader, save_sae,
+    save_seq2seq,
 )

@@ -4,8 +4,10 @@
     gpt        a GPT (training adds optimizer, RNG state)  save_gpt, train.train()   npflux sample / eval / finetune / quantize
     gpt-int8   a GPT with int8 block linears               save_quantized            the same
     gpt-lora   LoRA adapters only; names its base          save_adapter              the same
+    gpt-distilled  a GPT distilled from a teacher (+ T, alpha, the teacher)  training.distill.distill  the same
     seq2seq    an encoder-decoder transformer              save_seq2seq              npflux seq2seq decode / eval
     sae        a sparse autoencoder                        save_sae                  npflux sae features
+    reader     an extractive QA reader and its vocabulary  save_reader               npflux ask --reader
 
     model, tokenizer, ckpt = load_model("out/ckpt")                    # any kind
     model, tokenizer, ckpt = load_model("out/ckpt", expect=GPT_KINDS)  # another kind: a one-line WrongKind
@@ -15,8 +17,10 @@ field existed is recognised by its config, by the rules the loaders of that
 time used; the first rule that matches wins, in the order of ``KINDS``:
 
     sae        the config has "sae"
+    reader     the config has "reader"
     seq2seq    config["model_type"] == "seq2seq"
     gpt-lora   the config has "adapter"
+    gpt-distilled  the config has "distill"
     gpt-int8   the config has "quantization"
     gpt        the config has "model"
 
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..models import GPT, GPTConfig
+from ..models.reader import Reader, ReaderConfig
 from ..models.sae import SAEConfig, SparseAutoencoder
 from ..models.seq2seq import MODEL_TYPE, Seq2SeqConfig, Seq2SeqTransformer
 from ..nn.convert import apply_lora, refresh_flat_parameters, set_submodule
@@ -40,7 +45,7 @@ from ..nn.lora import lora_modules, lora_parameters
 from ..nn.quant import QuantizedLinear, named_buffers
 from . import MODEL_FILE, CheckpointError, load_checkpoint, read_meta, save_checkpoint, sha256_file
 
-GPT_KINDS = ("gpt", "gpt-int8", "gpt-lora")
+GPT_KINDS = ("gpt", "gpt-int8", "gpt-lora", "gpt-distilled")
 
 
 class WrongKind(CheckpointError):
@@ -101,6 +106,23 @@ def _load_gpt(ckpt, directory, backend=None, dtype=None):
     model = GPT(config, backend=backend, dtype=dtype or _train_dtype(ckpt))
     model.load_state_dict(ckpt.model_state)
     return model, _tokenizer(ckpt)
+
+
+# ---------------------------------------------------------------------------
+# gpt-distilled: a gpt checkpoint whose config also has {"distill": {temperature, alpha, teacher}}
+# ---------------------------------------------------------------------------
+
+
+def save_distilled(directory, model, distill: dict, tokenizer=None, train: dict | None = None, extra=None, step=0):
+    """A distilled student's checkpoint: ``save_gpt``'s layout plus ``distill`` (temperature, alpha and the
+    teacher: its model config, path and SHA-256), kind ``gpt-distilled``; it loads as any GPT.
+
+    ``npflux.training.distill.distill`` writes the same layout through ``train``, adding what resuming needs.
+    """
+    config = {"model": model.config.to_dict(), "train": {**(train or {}), "dtype": model.dtype.name},
+              "distill": distill}
+    return save_checkpoint(directory, model.state_dict(), config, tokenizer=tokenizer, step=step, extra=extra,
+                           kind="gpt-distilled")
 
 
 # ---------------------------------------------------------------------------
@@ -310,6 +332,35 @@ def load_sae(directory, backend=None, dtype=None):
 
 
 # ---------------------------------------------------------------------------
+# reader: config {"reader": ReaderConfig, "vocab": ReaderVocab.to_dict(), "train": {...}}; no tokenizer
+# ---------------------------------------------------------------------------
+
+
+def save_reader(directory, reader, vocab, train: dict | None = None, extra=None):
+    """An extractive reader: its weights, ReaderConfig and word vocabulary (which is its tokenizer)."""
+    if vocab.size != reader.config.vocab_size:
+        raise ValueError(f"save_reader: the vocabulary has {vocab.size} ids, the reader {reader.config.vocab_size}")
+    config = {"reader": reader.config.to_dict(), "vocab": vocab.to_dict(),
+              "train": {**(train or {}), "dtype": reader.dtype.name}}
+    return save_checkpoint(directory, reader.state_dict(), config, extra=extra, kind="reader")
+
+
+def _load_reader(ckpt, directory, backend=None, dtype=None):
+    reader = Reader(ReaderConfig.from_dict(ckpt.config["reader"]), backend=backend,
+                    dtype=dtype or _train_dtype(ckpt))
+    reader.load_state_dict(ckpt.model_state)
+    from ..tokenizers.words import ReaderVocab  # here: importing npflux.checkpoint loads no tokenizer
+
+    return reader, ReaderVocab.from_dict(ckpt.config["vocab"])
+
+
+def load_reader(directory, backend=None, dtype=None):
+    """(reader, vocabulary) from a checkpoint written by ``save_reader``."""
+    reader, vocab, _ = load_model(directory, backend, dtype, expect=("reader",))
+    return reader, vocab
+
+
+# ---------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------
 
@@ -330,10 +381,13 @@ _GPT_COMMAND = "npflux sample --checkpoint {path}"
 KINDS = {k.name: k for k in (  # in the order old checkpoints are recognised
     Kind("sae", "a sparse autoencoder", "npflux sae features --sae {path} --out REPORT",
          lambda c: "sae" in c, save_sae, _load_sae),
+    Kind("reader", "an extractive reader", "npflux ask --reader {path} --docs FILE QUESTION",
+         lambda c: "reader" in c, save_reader, _load_reader),
     Kind("seq2seq", "a seq2seq model", "npflux seq2seq decode --checkpoint {path} SOURCE...",
          lambda c: c.get("model_type") == MODEL_TYPE, save_seq2seq, _load_seq2seq),
     Kind("gpt-lora", "a GPT's LoRA adapters", _GPT_COMMAND, lambda c: "adapter" in c, save_adapter, _load_lora),
     Kind("gpt-int8", "an int8 GPT", _GPT_COMMAND, lambda c: "quantization" in c, save_quantized, _load_int8),
+    Kind("gpt-distilled", "a distilled GPT", _GPT_COMMAND, lambda c: "distill" in c, save_distilled, _load_gpt),
     Kind("gpt", "a GPT", _GPT_COMMAND, lambda c: "model" in c, save_gpt, _load_gpt),
 )}
 
@@ -404,5 +458,5 @@ def load_model(directory, backend=None, dtype=None, *, expect=None, **options):
 
 
 __all__ = ["GPT_KINDS", "KINDS", "Kind", "WrongKind", "infer_kind", "kind_at", "load_adapter", "load_model",
-           "load_sae", "load_seq2seq", "model_from", "save_adapter", "save_gpt", "save_quantized", "save_sae",
-           "save_seq2seq"]
+           "load_reader", "load_sae", "load_seq2seq", "model_from", "save_adapter", "save_distilled", "save_gpt",
+           "save_quantized", "save_reader", "save_sae", "save_seq2seq"]

@@ -1,6 +1,7 @@
 """The ``npflux`` command line: thin argparse over the library, one module per command group.
 
     npflux train --preset shakespeare-s1 [--data PATH] [--out-dir out] [--resume] ...   cli/train.py
+    npflux distill --teacher CKPT --preset shakespeare-s1 [--temperature 2 --alpha 0.5]  cli/distill.py
     npflux sample --checkpoint out/ckpt --prompt "ROMEO:" ...                            cli/sample.py
     npflux eval --checkpoint out/ckpt --text FILE                                        cli/eval.py
     npflux gradcheck                                                                     cli/gradcheck.py
@@ -9,7 +10,8 @@
     npflux seq2seq train | decode | eval                                                 cli/seq2seq.py
     npflux attention                                                                     cli/attention.py
     npflux activations | sae train | sae features                                        cli/interp.py
-    npflux index | search | ask                                                          cli/retrieval.py
+    npflux index | search | ask [--reader CKPT]                                          cli/retrieval.py
+    npflux reader train                                                                  cli/reader.py
     npflux serve                                                                         cli/serve.py
 
 Each module defines ``add_parsers(subparsers)``, which adds its commands with
@@ -26,8 +28,8 @@ import importlib
 from .. import __version__, settings
 from ..backend import BackendUnavailable
 
-COMMAND_GROUPS = ("train", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention", "interp",
-                  "retrieval", "serve")
+COMMAND_GROUPS = ("train", "distill", "sample", "eval", "gradcheck", "bench", "finetune", "seq2seq", "attention",
+                  "interp", "retrieval", "reader", "serve")
 
 
 def build_parser():

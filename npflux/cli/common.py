@@ -40,6 +40,7 @@ positive_float = _number(" > 0", lambda v: v > 0)
 non_negative_float = _number(" >= 0", lambda v: v >= 0)
 unit_interval = _number(" in (0, 1]", lambda v: 0 < v <= 1)
 fraction = _number(" in (0, 1)", lambda v: 0 < v < 1)
+weight = _number(" in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def positive_int(text):

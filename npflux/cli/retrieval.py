@@ -3,11 +3,12 @@
     npflux index --docs FILE --out DIR [--method tfidf|model --checkpoint CKPT]
     npflux search (--docs FILE | --index DIR) [--method ...] [--checkpoint CKPT] [-k 5] "query"
     npflux ask --checkpoint CKPT (--docs FILE | --index DIR) [-k 3] "What is the capital of France?"
+    npflux ask --reader CKPT (--docs FILE | --index DIR) [-k 3] [--threshold 0] "What is the capital of France?"
 """
 import json
 import sys
 
-from .common import add_backend_flag, add_sampling_flags, load_for_text
+from .common import add_backend_flag, add_sampling_flags, finite_float, load_for_text
 
 
 def model_if_given(args):
@@ -66,9 +67,39 @@ def _search(args):
         print(f"[{r.rank}] line {r.line}  score {r.score:.3f}  {r.text}")
 
 
+def _ask_reader(args):
+    """npflux ask --reader: the extractive reader's best span over the retrieved passages, quoted with its source."""
+    from ..checkpoint import load_reader
+    from ..retrieval import answer_with_reader
+
+    reader, vocab = load_reader(args.reader, backend=args.backend)
+    index = index_for(args, None, None)
+    if index is None:
+        sys.exit("give --docs FILE or --index DIR")
+    out = answer_with_reader(index, reader, vocab, args.question, k=args.k, threshold=args.threshold)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    if out["answer"] is None:
+        best = "" if out["score"] is None else f" (best span scored {out['score']:.2f}, threshold {args.threshold:g})"
+        print(f"answer: no answer found{best}")
+    else:
+        src = out["source"]
+        print(f"answer: {out['answer']}")
+        print(f"source: line {src['line']} (retrieved rank {src['rank']}, reader score {src['score']:.2f}): "
+              f"\"{src['text']}\"")
+    if not out["candidates"]:
+        print("  (no passage matches the question)")
+
+
 def _ask(args):
     from ..serve import Engine
 
+    if args.reader:
+        return _ask_reader(args)
+    if not args.checkpoint:
+        sys.exit("npflux ask: give --checkpoint (a GPT generates the answer) or --reader (an extractive reader "
+                 "points at it)")
     model, tokenizer = model_if_given(args)
     engine = Engine(model, tokenizer, template=args.template)
     engine.index = index_for(args, model, tokenizer, lock=engine.lock)
@@ -126,8 +157,14 @@ def add_parsers(sub):
     p.add_argument("query", help="the text to search for")
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("ask", help="retrieval-augmented generation: retrieve passages, prompt, answer, cite")
-    p.add_argument("--checkpoint", required=True, help="the GPT that writes the answer")
+    p = sub.add_parser("ask", help="answer from retrieved passages: an extractive reader (--reader) or a GPT's "
+                                   "generation (--checkpoint); cites the sources")
+    p.add_argument("--checkpoint", help="a GPT that generates the answer from a prompt with the passages")
+    p.add_argument("--reader", help="an extractive reader (npflux reader train) that answers with a span of a "
+                                    "retrieved passage")
+    p.add_argument("--threshold", type=finite_float, default=0.0,
+                   help="--reader: below this score (a span's logits minus the passage's no-answer logits) the "
+                        "answer is 'no answer found' (default 0)")
     add_docs_flags(p)
     p.add_argument("-k", type=int, default=3, help="passages to retrieve (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")

@@ -2,7 +2,7 @@
 
     npflux seq2seq train [--task dates] [--out-dir out-dates] [--max-iters 3000] [--n-embd 64] ...
     npflux seq2seq decode --checkpoint out-dates/ckpt "3rd of March 1998" "Mar 3, 98" [--beam 4]
-    npflux seq2seq eval --checkpoint out-dates/ckpt [--beam 4]     (exact match on the held-out set)
+    npflux seq2seq eval --checkpoint out-dates/ckpt [--beam 4]     (exact match, BLEU and chrF on the held-out set)
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def _decode(args):
 
 def _eval(args):
     from ..train_seq2seq import exact_match, load_seq2seq
+    from ..training.seq2seq import bleu_chrf
 
     model, tokenizer, ckpt = load_seq2seq(args.checkpoint, backend=args.backend)
     if args.limit is not None and args.limit < 1:  # a negative limit would slice from the end
@@ -54,7 +55,7 @@ def _eval(args):
     accuracy, outputs = exact_match(model, tokenizer, pairs, beam_size=args.beam, progress=len(pairs) > 256)
     wrong = [(s, t, o) for (s, t), o in zip(pairs, outputs) if o != t]
     print(json.dumps({"task": args.task, "task_seed": seed, "examples": len(pairs), "beam_size": args.beam,
-                      "exact_match": accuracy, "errors": [{"source": s, "target": t, "output": o}
+                      "exact_match": accuracy, **bleu_chrf(outputs, [t for _, t in pairs]), "errors": [{"source": s, "target": t, "output": o}
                                                           for s, t, o in wrong[:10]]}, indent=2))
 
 
@@ -91,7 +92,7 @@ def add_parsers(subparsers):
     add_backend_flag(d)
     d.set_defaults(func=_decode)
 
-    e = sub.add_parser("eval", help="exact match on the task's held-out set")
+    e = sub.add_parser("eval", help="exact match, BLEU and chrF (sacrebleu) on the task's held-out set")
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by npflux seq2seq train")
     e.add_argument("--task", default="dates", choices=["dates"], help="the task whose held-out set is scored")
     e.add_argument("--task-seed", type=int, help="default: the seed the checkpoint was trained with")

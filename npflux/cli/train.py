@@ -30,14 +30,12 @@ def _train_on(args, parallel):
     from ..checkpoint.outdir import claim_output
     from ..data import download_tinyshakespeare, find_corpus, load_text, prepare_dataset
     from ..models import GPTConfig
-    from ..train import TRAIN_PRESETS, TrainConfig, train
+    from ..train import TrainConfig, train
 
     lead = parallel.comm.rank == 0
     say = print if lead else (lambda *a, **k: None)  # one voice per job: rank 0's
 
-    overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout", "init") if getattr(args, k) is not None}
-    if args.block_size is not None:
-        overrides["block_size"] = args.block_size
+    overrides = model_overrides(args)
     # Every check that can refuse comes before the data is read, a tokenizer trained or a step taken:
     # the output directory, the training settings, the model's shape.
     out = Path(args.out_dir or TrainConfig.out_dir)
@@ -48,12 +46,7 @@ def _train_on(args, parallel):
     if args.vocab_size is not None and tokenizer != "bpe" and type(tokenizer).__name__ != "BPETokenizer":
         raise ValueError("--vocab-size sets the BPE vocabulary; the char tokenizer's vocabulary is the "
                          "text's characters (add --tokenizer bpe)")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = dict(TRAIN_PRESETS.get(args.preset, {}))
-    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    settings["progress"] = not args.quiet
-    settings["doc_sep"] = doc_sep
-    cfg = TrainConfig(**settings)
+    cfg = train_config(args, doc_sep)
     GPTConfig.from_preset(args.preset, vocab_size=1, **overrides)  # (its real vocabulary comes with the data)
 
     try:
@@ -77,6 +70,26 @@ def _train_on(args, parallel):
     if args.sample_tokens and lead:
         prompt = "" if getattr(tokenizer, "bos_id", None) is not None else "\n" if "\n" in text else text[0]
         print_sample(model, tokenizer, prompt, args.sample_tokens, temperature=0.8, top_k=None, top_p=None, seed=cfg.seed)
+
+
+def model_overrides(args) -> dict:
+    """The model-shape flags given (--n-embd, --n-head, --n-layer, --dropout, --init, --block-size)."""
+    overrides = {k: getattr(args, k) for k in ("n_embd", "n_head", "n_layer", "dropout", "init") if getattr(args, k) is not None}
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
+    return overrides
+
+
+def train_config(args, doc_sep):
+    """The TrainConfig of a run: the preset's published settings, then every flag given."""
+    from ..train import TRAIN_PRESETS, TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = dict(TRAIN_PRESETS.get(args.preset, {}))
+    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    settings["progress"] = not args.quiet
+    settings["doc_sep"] = doc_sep
+    return TrainConfig(**settings)
 
 
 def _train_tokenizer(args):
@@ -155,16 +168,7 @@ def add_parsers(sub):
     t.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary size (default 10000; BPE only)")
     t.add_argument("--doc-sep", help="BPE: split the corpus into [BOS] doc [EOS] documents here "
                                      "(escapes allowed; default '\\n\\n', blank lines; '' for one document)")
-    for name, typ, help_text in _TRAINING_FLAGS:
-        typ = positive_float if name == "learning_rate" else finite_float if typ is float else typ
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_text)
-    add_backend_flag(t)
-    t.add_argument("--dtype", choices=["float32", "float64", "float16"],
-                   help="compute dtype (default float32; float64 for checks; float16 has no loss scaling)")
-    t.add_argument("--init", choices=["normal", "torch"],
-                   help="weight init: 'torch' (PyTorch's layer defaults, as the published small models) or 'normal' (N(0, 0.02), GPT-2)")
-    t.add_argument("--decay-matrices-only", dest="decay_matrices_only", action="store_const", const=True,
-                   help="weight decay on matrices only (nanoGPT's grouping)")
+    add_training_flags(t)
     t.add_argument("--sample-tokens", type=int, default=300, help="print a sample of this many tokens at the end (0: none)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     # data parallel, under mpiexec -n N (docs/distributed.md); --batch-size is the global batch
@@ -176,3 +180,17 @@ def add_parsers(sub):
     t.add_argument("--bucket-mb", type=positive_float, default=1.0,
                    help="size of the gradient buckets all-reduced during the backward (default 1 MB)")
     t.set_defaults(func=_train)
+
+
+def add_training_flags(t):
+    """The training settings (TrainConfig's fields and the model's shape) as flags: npflux train and distill."""
+    for name, typ, help_text in _TRAINING_FLAGS:
+        typ = positive_float if name == "learning_rate" else finite_float if typ is float else typ
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=help_text)
+    add_backend_flag(t)
+    t.add_argument("--dtype", choices=["float32", "float64", "float16"],
+                   help="compute dtype (default float32; float64 for checks; float16 has no loss scaling)")
+    t.add_argument("--init", choices=["normal", "torch"],
+                   help="weight init: 'torch' (PyTorch's layer defaults, as the published small models) or 'normal' (N(0, 0.02), GPT-2)")
+    t.add_argument("--decay-matrices-only", dest="decay_matrices_only", action="store_const", const=True,
+                   help="weight decay on matrices only (nanoGPT's grouping)")

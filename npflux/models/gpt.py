@@ -207,7 +207,15 @@ class GPT(Module):
         """
         if self.loss_cache is None:
             raise RuntimeError("GPT.backward: call forward(idx, targets) first")
-        dlogits = ops.cross_entropy_backward(loss_scale, self.loss_cache)
+        self.backward_from_logits(ops.cross_entropy_backward(loss_scale, self.loss_cache))
+        self.loss_cache = None
+
+    def backward_from_logits(self, dlogits):
+        """Gradients of any loss of the last forward's logits, given ``dlogits`` (B, T, V), ADDED into ``grads``.
+
+        ``backward`` is this with the cross-entropy's gradient; a loss computed
+        outside the model (distillation's, ``npflux.ops.distillation``) passes its own.
+        """
         dx, dw_t, db = ops.linear_backward(dlogits, self.head_cache)
         _, head_grad = self._head_weight()
         head_grad += dw_t.T
@@ -218,7 +226,6 @@ class GPT(Module):
         for block in reversed(t.h.items):
             dx = block.backward(dx)
         t.wte.backward(t.wpe.backward(t.drop.backward(dx)))
-        self.loss_cache = None
 
     # -- generation --------------------------------------------------------------------
     def new_kv_caches(self, batch):

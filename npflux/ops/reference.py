@@ -107,3 +107,24 @@ def attention_backward(dout, cache):
     dv = P.swapaxes(-1, -2) @ dout
     dS = softmax_backward(dout @ v.swapaxes(-1, -2), P)
     return scale * (dS @ k), scale * (dS.swapaxes(-1, -2) @ q), dv
+
+
+def distillation_forward(student_logits, teacher_logits, targets, temperature=1.0, alpha=0.5):
+    """loss = alpha T^2 mean_n KL(softmax(t_n/T) || softmax(s_n/T)) + (1 - alpha) mean_n -log softmax(s_n)[y_n]
+    (no ignored targets here)."""
+    xp = get_array_module(student_logits)
+    V = student_logits.shape[-1]
+    s, t, y = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), targets.reshape(-1)
+    T = temperature
+    p, _ = softmax_forward(t / T)
+    q, _ = softmax_forward(s / T)
+    kl = (p * (xp.log(p) - xp.log(q))).sum(axis=-1).mean()
+    hard, ce_cache = cross_entropy_forward(s, y)
+    return alpha * T * T * kl + (1 - alpha) * hard, (p, q, ce_cache, T, alpha, student_logits.shape)
+
+
+def distillation_backward(dloss, cache):
+    """dstudent = dloss * (alpha T (q - p) / N + (1 - alpha) (softmax(s) - onehot(y)) / N)."""
+    p, q, ce_cache, T, alpha, shape = cache
+    soft = alpha * T * (q - p) / p.shape[0]
+    return (dloss * soft + cross_entropy_backward((1 - alpha) * dloss, ce_cache)).reshape(shape)

@@ -175,8 +175,15 @@ def model_from_checkpoint(directory, backend=None, dtype=None):
 
 
 def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, tokenizer=None, resume=False,
-          log=print, overwrite=False, parallel: DataParallel | None = None):
+          log=print, overwrite=False, parallel: DataParallel | None = None, objective=None):
     """Train a GPT on host token arrays; returns (model, TrainState). Writes into ``cfg.out_dir``.
+
+    ``objective``: what each step minimises, when not the next token's
+    cross-entropy: an object with ``kind`` (the checkpoint kind it saves),
+    ``config`` (a dict saved in the checkpoint's config under ``kind``'s
+    key ``config_key``, and checked on ``resume``), ``loss(model, batch)`` and
+    ``backward(model, scale)`` (``npflux.training.distill.Distillation``). The
+    evaluations stay the cross-entropy of the labels, so runs compare.
 
     ``out_dir/ckpt`` is the latest checkpoint, ``out_dir/log.jsonl`` one JSON
     line per evaluation, ``out_dir/loss.png`` the loss curves. A checkpoint
@@ -196,20 +203,22 @@ def train(model_config: GPTConfig, cfg: TrainConfig, train_data, val_data, token
     """
     parallel = parallel if parallel is not None else DataParallel()
     with stop_all_on_error(parallel.comm, collective=(Diverged,)):
-        return _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, overwrite, parallel)
+        return _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, overwrite, parallel,
+                      objective)
 
 
 def _silent(*args, **kwargs):
     """The ``log`` of ranks other than 0: one voice per job."""
 
 
-def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, overwrite, parallel):
+def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, overwrite, parallel, objective):
     comm = parallel.comm
     lead = comm.rank == 0  # rank 0 prints and writes; the others compute
     log = log if lead else _silent
     out = Path(cfg.out_dir)
     ckpt_dir, log_path = out / "ckpt", out / "log.jsonl"
-    claim = claim_output(ckpt_dir, kind="gpt", resume=resume, overwrite=overwrite, companions=[log_path],
+    kind = objective.kind if objective is not None else "gpt"
+    claim = claim_output(ckpt_dir, kind=kind, resume=resume, overwrite=overwrite, companions=[log_path],
                          log=log) if lead else None
     if cfg.batch_size < comm.size:
         raise ValueError(f"batch_size {cfg.batch_size} cannot be split over {comm.size} ranks: the batch is the "
@@ -236,6 +245,9 @@ def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, over
             raise ValueError(f"--resume: the checkpoint's model differs from the one asked for in {differing}; "
                              f"resume with the checkpoint's settings, or train into another --out-dir")
         _check_resume_state(ckpt, ckpt_dir)
+        if objective is not None and ckpt.config.get(objective.config_key) != objective.config:
+            raise CheckpointError(f"--resume: {ckpt_dir} was trained with {objective.config_key} "
+                                  f"{ckpt.config.get(objective.config_key)}, not {objective.config}")
         if cfg.max_iters < ckpt.step:  # (training would stop at once and write the checkpoint back as if it ran)
             raise ValueError(f"--resume: {ckpt_dir} is at step {ckpt.step}, beyond --max-iters {cfg.max_iters}; "
                              f"--max-iters counts from step 0: pass a number above {ckpt.step} to train on")
@@ -300,14 +312,15 @@ def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, over
             return
         save_checkpoint(
             ckpt_dir, model_state=model.state_dict(),
-            config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg)},
+            config={"model": model_config.to_dict(), "train": dataclasses.asdict(cfg),
+                    **({objective.config_key: objective.config} if objective is not None else {})},
             tokenizer=tokenizer.to_dict() if tokenizer is not None else None,
             optimizer_state=optimizer_state, step=state.step,
             rng_state={"batch": rng_state_to_json(batch_rng),
                        "dropout": None},  # masks are reseeded from (seed, step) at every step
             extra={"train_state": {"best_val": state.best_val, "evals_since_best": state.evals_since_best,
                                    "history": state.history}},
-            kind="gpt",  # save_gpt's layout, plus what resuming needs
+            kind=kind,  # save_gpt's layout, plus what resuming needs
         )
 
     has_dropout = model_config.dropout > 0
@@ -335,7 +348,9 @@ def _train(model_config, cfg, train_data, val_data, tokenizer, resume, log, over
                 reseed_dropout(model, int(np.random.SeedSequence(key).generate_state(1)[0]))
             micro_batches = [get_batch(train_data, cfg.batch_size, block_size, batch_rng, rows=rows)
                              for _ in range(cfg.grad_accum)]
-            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip, sync=sync)
+            hooks = {} if objective is None else {"loss": lambda batch: objective.loss(model, batch),
+                                                  "backward": lambda scale: objective.backward(model, scale)}
+            loss, _ = train_step(model, opt, micro_batches, grad_clip=cfg.grad_clip, sync=sync, **hooks)
             state.step += 1
             tokens_since += tokens_per_step
 

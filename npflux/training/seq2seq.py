@@ -91,6 +91,21 @@ def exact_match(model, tokenizer, pairs, beam_size=1, batch_size=256, progress=F
     return correct / max(len(pairs), 1), outputs
 
 
+def bleu_chrf(outputs, targets) -> dict:
+    """Corpus BLEU and chrF of ``outputs`` against one reference each, by sacrebleu (Post, 2018), the standard
+    implementation: its default settings (BLEU: 13a tokenisation, 4-grams, exponential smoothing off at the
+    corpus level; chrF: character 6-grams, beta 2), each on 0-100, with sacrebleu's signature of the settings."""
+    import sacrebleu  # here: only the commands that score translations load it
+
+    if len(outputs) != len(targets):
+        raise ValueError(f"bleu_chrf: {len(outputs)} outputs for {len(targets)} targets")
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b, c = bleu.corpus_score(list(outputs), [list(targets)]), chrf.corpus_score(list(outputs), [list(targets)])
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature())}
+
+
 def train_seq2seq(model_config: Seq2SeqConfig, cfg: Seq2SeqTrainConfig, task, log=print, overwrite=False):
     """Train on fresh batches of ``task``; returns (model, history). Writes ``out_dir/ckpt`` and ``log.jsonl``.
 
