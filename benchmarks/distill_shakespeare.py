@@ -13,9 +13,9 @@ cost of one training step with and without the teacher's forward pass
 (timed afterwards, alternating, on fresh models, so both see the same load).
 """
 import _env  # noqa: F401  (threads before numpy)
+import harness
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -110,10 +110,7 @@ def main():
         "step_ms": ms, "extra_cost_per_step": extra,
         "wall_seconds": time.time() - started,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {harness.write(None, payload, args.json)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ generated questions, and the share of the questions' and lines' content
 words that occur anywhere in the generated text.
 """
 import _env  # noqa: F401  (threads before numpy)
+import harness
 
 import argparse
 import json
@@ -155,10 +156,7 @@ def main():
                           "history": (ckpt.extra or {}).get("history")},
                "generator": args.generator, "systems": systems, "reader_f1_over_baseline_f1": a / b,
                "template_distance": distance, "per_question": per_question}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {harness.write(None, payload, args.json)}")
 
 
 if __name__ == "__main__":
