@@ -212,6 +212,7 @@ class Metrics:
         self.rate = prom.Gauge("npflux_tokens_per_second", f"tokens sampled per second over the last {self.WINDOW_S:g} s",
                                **kw)
         self._recent = collections.deque()  # (time, tokens) of recent steps
+        self._recent_tokens = 0             # their sum, kept as they come and go (not re-summed per step)
         self._lock = threading.Lock()
 
     def on_step(self, batch_size, tokens, seconds):
@@ -220,9 +221,10 @@ class Metrics:
         self.tokens.inc(tokens)
         with self._lock:
             self._recent.append((now, tokens))
+            self._recent_tokens += tokens
             while self._recent and self._recent[0][0] < now - self.WINDOW_S:
-                self._recent.popleft()
-            self.rate.set(sum(n for _, n in self._recent) / self.WINDOW_S)
+                self._recent_tokens -= self._recent.popleft()[1]
+            self.rate.set(self._recent_tokens / self.WINDOW_S)
 
     def on_first_token(self, seconds):
         self.ttft.observe(seconds)
