@@ -169,7 +169,7 @@ def resolve_dtype(dtype=None) -> numpy.dtype:
         return DEFAULT_DTYPE
     try:
         dt = numpy.dtype(dtype)
-    except TypeError as exc:
+    except (TypeError, ValueError, SyntaxError) as exc:  # (numpy parses some strings, "01" a SyntaxError)
         raise TypeError(f"not a dtype: {dtype!r}") from exc
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"npflux computes in floating point; got dtype {dt} (use float32, or float64 for checks)")

@@ -316,3 +316,13 @@ def test_a_huge_size_in_the_config_is_refused_before_anything_is_allocated(prist
     ckpt = damaged_copy(pristine_dir, tmp_path, meta_dmg=dmg)
     with pytest.raises(CheckpointError, match=field if field == "n_layer" else "the arrays hold"):
         load_model(ckpt)
+
+
+@pytest.mark.parametrize("dtype", ["01", "(2,)f", "float128x", "int8", ""])
+def test_a_damaged_dtype_is_one_line(pristine, tmp_path, dtype):
+    """Found by the fuzz: config.train.dtype "01" made numpy.dtype raise a SyntaxError (it parses the string)."""
+    pristine_dir, _, _ = pristine
+    ckpt = damaged_copy(pristine_dir, tmp_path, meta_dmg=(("config", "train", "dtype"), "replace", dtype, None))
+    with pytest.raises(CheckpointError) as info:
+        load_model(ckpt)
+    assert_one_line_error(info.value)
