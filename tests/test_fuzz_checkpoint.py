@@ -326,3 +326,13 @@ def test_a_damaged_dtype_is_one_line(pristine, tmp_path, dtype):
     with pytest.raises(CheckpointError) as info:
         load_model(ckpt)
     assert_one_line_error(info.value)
+
+
+def test_a_damaged_hash_is_quoted_not_echoed(pristine, tmp_path):
+    """Found by the fuzz at 100x: a sha256 edited to hold a newline was echoed raw, and the error took two lines."""
+    pristine_dir, _, _ = pristine
+    ckpt = damaged_copy(pristine_dir, tmp_path,
+                        meta_dmg=(("files", "model.safetensors", "sha256"), "replace", "\n", None))
+    with pytest.raises(CheckpointError) as info:
+        load_model(ckpt)
+    assert_one_line_error(info.value)

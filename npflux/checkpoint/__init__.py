@@ -268,7 +268,7 @@ def _read_safetensors(directory: Path, name: str, expected_sha: str | None) -> d
     actual = _sha256(path)
     if expected_sha is not None and actual != expected_sha:
         raise CheckpointError(f"{path} is damaged or was changed after saving: SHA-256 {actual}, "
-                              f"meta.json records {expected_sha} (truncated copy or interrupted transfer?)")
+                              f"meta.json records {expected_sha[:80]!r} (truncated copy or interrupted transfer?)")
     try:
         return safetensors.numpy.load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
