@@ -570,3 +570,25 @@ def test_sample_loads_a_checkpoint_shipped_without_its_optimizer_state(run, caps
     assert quietly(["sample", "--checkpoint", out / "ckpt", "--max-new-tokens", "12", "--seed", "2"]) == full
     # resuming does need it, and says so
     assert "optimizer.safetensors" in fail(with_flag(train_argv(*run, "--resume"), "--max-iters", "30"), capsys)
+
+
+def test_a_cosine_warmup_longer_than_the_run_is_refused_before_anything_is_written(trained, tmp_path, capsys):
+    """npflux train --preset nanogpt-cpu --max-iters 30 (warmup 100) failed at its first step, after claiming
+    the output directory: it left an empty log.jsonl that the next run refused."""
+    data, _ = trained
+    out = tmp_path / "cosine"
+    argv = with_flag(train_argv(data, out, "--lr-schedule", "cosine", "--warmup-iters", "100"), "--max-iters", "30")
+    err = fail(argv, capsys)
+    assert "warmup_iters 100" in err and "--warmup-iters" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    quietly(with_flag(train_argv(data, out, "--lr-schedule", "cosine", "--warmup-iters", "5"), "--max-iters", "30"))
+    assert (out / "ckpt").is_dir()
+
+
+def test_a_short_reader_run_warms_up_over_a_tenth_of_it():
+    from npflux.training.reader import ReaderTrainConfig
+
+    assert ReaderTrainConfig(steps=30).warmup_iters == 3
+    assert ReaderTrainConfig(steps=3000).warmup_iters == 100
+    with pytest.raises(ValueError, match="warmup_iters"):
+        ReaderTrainConfig(steps=30, warmup_iters=31)

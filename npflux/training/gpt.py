@@ -97,6 +97,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise ValueError(f"{name} must be a finite number {rule}, got {value}")
+        if self.lr_schedule == "cosine" and not 0 <= self.warmup_iters <= self.max_iters:
+            # (refused here, before any work: the schedule would fail at the first step, after the
+            # output directory was claimed)
+            raise ValueError(f"the cosine schedule warms up for warmup_iters {self.warmup_iters} steps, which must "
+                             f"be in [0, max_iters {self.max_iters}]: pass --warmup-iters (at most {self.max_iters})")
 
     def lr_at(self, step: int) -> float:
         if self.lr_schedule == "constant":

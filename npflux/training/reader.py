@@ -32,7 +32,7 @@ class ReaderTrainConfig:
     steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 1e-3
-    warmup_iters: int = 100
+    warmup_iters: int | None = None    # default: 100 steps, or a tenth of a shorter run
     min_lr: float = 1e-4
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -53,6 +53,10 @@ class ReaderTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if self.warmup_iters is None:
+            self.warmup_iters = min(100, self.steps // 10)
+        if not 0 <= self.warmup_iters <= self.steps:
+            raise ValueError(f"warmup_iters must be in [0, steps {self.steps}], got {self.warmup_iters}")
 
 
 def example_batch(vocab, examples, block_size):
