@@ -30,6 +30,13 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 
 
+def shared_data(name: str) -> Path:
+    """A corpus file in $NPFLUX_DATA_DIR, else in the shared data folder beside the checkout."""
+    from npflux import settings
+
+    return (settings.get("data_dir") or REPO.parent / "shared" / "data") / name
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -33,12 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def default_docs():
-    env = os.environ.get("NPFLUX_DATA_DIR")
-    base = Path(env) if env else ROOT.parent / "shared" / "data"
-    return base / "neuraflux_corpus.txt"
-
-
 def score(rows, predictions):
     from npflux.tasks.qa import exact_match, token_f1
 
@@ -62,7 +56,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reader", required=True)
     p.add_argument("--generator", help="a GPT checkpoint for row (c)")
-    p.add_argument("--docs", default=str(default_docs()))
+    p.add_argument("--docs", default=str(harness.shared_data("neuraflux_corpus.txt")))
     p.add_argument("--qa", default=str(ROOT / "benchmarks" / "data" / "neuraflux_qa.jsonl"))
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--threshold", type=float, default=0.0)

@@ -11,6 +11,7 @@ final hidden states with and without centering; and the same architecture
 with random weights (what the embedding owes to training at all).
 """
 import _env  # noqa: F401  (threads before numpy)
+import harness
 
 import argparse
 import json
@@ -19,12 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_docs():
-    env = os.environ.get("NPFLUX_DATA_DIR")
-    base = Path(env) if env else ROOT.parent / "shared" / "data"
-    return base / "neuraflux_corpus.txt"
 
 
 def load_qa(path, passages):
@@ -54,7 +49,7 @@ def recall(index, qa, ks=(1, 5)):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--docs", default=str(default_docs()))
+    p.add_argument("--docs", default=str(harness.shared_data("neuraflux_corpus.txt")))
     p.add_argument("--qa", default=str(ROOT / "benchmarks" / "data" / "neuraflux_qa.jsonl"))
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                    help="a GPT checkpoint whose hidden states embed the passages (repeatable)")

@@ -2,6 +2,16 @@
 from ..backend import check_float, check_int, get_array_module
 
 
+def flat_targets(xp, targets, V, ignore_index, who):
+    """(targets flattened with ignored ones set to 0, the mask of the others); a target outside [0, V) is an error."""
+    t = xp.asarray(targets).reshape(-1)
+    valid = t != ignore_index
+    t_safe = xp.where(valid, t, 0)
+    if t.size and (int(t_safe.min()) < 0 or int(t_safe.max()) >= V):
+        raise ValueError(f"{who}: targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    return t_safe, valid
+
+
 def cross_entropy_forward(logits, targets, ignore_index=-100):
     """loss = -(1/N) sum_n log softmax(logits[n])[targets[n]] over the N non-ignored n.
 
@@ -18,11 +28,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     xp = get_array_module(logits)
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
-    t = xp.asarray(targets).reshape(-1)
-    valid = t != ignore_index
-    t_safe = xp.where(valid, t, 0)
-    if t.size and (int(t_safe.min()) < 0 or int(t_safe.max()) >= V):
-        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    t_safe, valid = flat_targets(xp, targets, V, ignore_index, "cross_entropy")
 
     shifted = z - z.max(axis=-1, keepdims=True)
     exp = xp.exp(shifted)

@@ -11,12 +11,8 @@ keeps the soft term's gradient on the scale of the hard term's as T grows
 is pure distillation, ``alpha = 0`` the plain cross-entropy of the labels.
 """
 from ..backend import check_float, check_int, get_array_module
-
-
-def _log_softmax(xp, z):
-    """log softmax over the last axis, as z - m - log sum exp(z - m) with m the row maximum (no overflow)."""
-    shifted = z - z.max(axis=-1, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+from .cross_entropy import flat_targets
+from .softmax import log_softmax_rows as _log_softmax
 
 
 def distillation_forward(student_logits, teacher_logits, targets, temperature=1.0, alpha=0.5, ignore_index=-100,
@@ -49,11 +45,7 @@ def distillation_forward(student_logits, teacher_logits, targets, temperature=1.
     V = student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)
-    y = xp.asarray(targets).reshape(-1)
-    valid = y != ignore_index
-    y_safe = xp.where(valid, y, 0)
-    if y.size and (int(y_safe.min()) < 0 or int(y_safe.max()) >= V):
-        raise ValueError(f"distillation: targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    y_safe, valid = flat_targets(xp, targets, V, ignore_index, "distillation")
     T, a = float(temperature), float(alpha)
     count = int(valid.sum())
     weight = valid.astype(s.dtype) / max(count, 1)          # 1/N on the rows that count, 0 elsewhere

@@ -29,3 +29,13 @@ def softmax_backward(dy, cache):
     dominant = xp.take_along_axis(dy, y.argmax(axis=-1)[..., None], axis=-1)
     centred = dy - dominant
     return y * (centred - (centred * y).sum(axis=-1, keepdims=True))
+
+
+def log_softmax_rows(xp, z):
+    """log softmax over the last axis, as z - m - log sum exp(z - m) with m the row maximum (no overflow).
+
+    A helper of the losses (distillation, the span loss), not an op: their backwards use its exp.
+    A position at -inf gets log-probability -inf and probability exactly 0.
+    """
+    shifted = z - z.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))

@@ -11,14 +11,12 @@ the separator and the padding out of both softmaxes: their probability and
 their gradient are exactly 0.
 """
 from ..backend import check_float, check_int, get_array_module
+from .softmax import log_softmax_rows
 
 
 def _masked_log_softmax(xp, z, mask):
     """log softmax over the allowed positions of each row; -inf at the others."""
-    z = xp.where(mask, z, -xp.inf)
-    m = z.max(axis=-1, keepdims=True)
-    shifted = z - m
-    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    return log_softmax_rows(xp, xp.where(mask, z, -xp.inf))
 
 
 def span_loss_forward(start_logits, end_logits, starts, ends, mask=None):
@@ -73,9 +71,8 @@ def span_loss_backward(dloss, cache):
     scale = float(dloss) / max(B, 1)
     grads = []
     for p, target in ((p_start, starts), (p_end, ends)):
-        others = p.copy()
-        others[rows, target] = 0
         g = p * scale
-        g[rows, target] = -others.sum(axis=1) * scale  # (P - 1) at the target, without the cancellation
+        g[rows, target] = 0
+        g[rows, target] = -g.sum(axis=1)  # (P - 1) * scale at the target, without the cancellation
         grads.append(g)
     return tuple(grads)
