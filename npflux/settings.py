@@ -13,6 +13,10 @@ data_dir             NPFLUX_DATA_DIR             path      None
 debug                NPFLUX_DEBUG                flag      False
     the CLI shows an error's traceback, not just its message
     (a flag is 1/true/yes/on or 0/false/no/off)
+numba                NPFLUX_NUMBA                flag      True
+    run fused element-wise work (layer norm, AdamW, GELU, softmax's
+    backward) through Numba-compiled kernels when numba is installed
+    (``npflux.kernels``); off: the NumPy path everywhere
 hypothesis_examples  NPFLUX_HYPOTHESIS_EXAMPLES  int >= 1  25
     examples per Hypothesis property in the test suite (tests/conftest.py)
 mpi_ranks            NPFLUX_MPI_RANKS,           int >= 1  None
@@ -118,6 +122,7 @@ SETTINGS = {s.name: s for s in (
     Setting("num_threads", "NPFLUX_NUM_THREADS", _positive_int, None, foreign=("OMP_NUM_THREADS",)),
     Setting("data_dir", "NPFLUX_DATA_DIR", _path, None),
     Setting("debug", "NPFLUX_DEBUG", _flag, False),
+    Setting("numba", "NPFLUX_NUMBA", _flag, True),
     Setting("hypothesis_examples", "NPFLUX_HYPOTHESIS_EXAMPLES", _positive_int, 25),
     Setting("mpi_ranks", "NPFLUX_MPI_RANKS", _positive_int, None, foreign=("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")),
 )}

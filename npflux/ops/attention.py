@@ -4,6 +4,7 @@ q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv) -> out (B, H, Tq, Dv).
 """
 import math
 
+from .. import kernels
 from ..backend import check_float, get_array_module
 from ..parallel import num_threads, parallel_map
 
@@ -200,13 +201,18 @@ def attention_backward(dout, cache, out=None):
     # ``out=(dq, dk, dv)`` lets the caller receive them in place (e.g. in views of one dqkv array)
     dq, dk, dv = out if out is not None else (xp.empty_like(q), xp.empty_like(k), xp.empty_like(v))
     # Chunked like the forward, so dP and dS of a chunk stay in cache.
+    fused = kernels.use_for(weights, dout)
+
     def chunk(rows):
         P = weights[rows]
         xp.matmul(P.swapaxes(-1, -2), dout[rows], out=dv[rows])
         dscores = dout[rows] @ v[rows].swapaxes(-1, -2)  # dP, then dS in place
-        row_dot = _row_sum(dscores * P, xp)
-        dscores -= row_dot
-        dscores *= P
+        if fused:  # one compiled pass of the three lines below
+            kernels.softmax_backward_rows_(dscores.reshape(-1, P.shape[-1]), P.reshape(-1, P.shape[-1]))
+        else:
+            row_dot = _row_sum(dscores * P, xp)
+            dscores -= row_dot
+            dscores *= P
         xp.matmul(dscores, k[rows], out=dq[rows])
         xp.matmul(dscores.swapaxes(-1, -2), q[rows], out=dk[rows])
 

@@ -1,4 +1,5 @@
 """Layer normalisation over the last axis."""
+from .. import kernels
 from ..backend import check_float, get_array_module
 from ..parallel import parallel_map, row_chunks
 
@@ -21,6 +22,8 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     mean and the biased variance are taken over the last axis (C), as
     torch.nn.LayerNorm does. Returns (y, cache).
     Rows are independent, so large inputs are split over the worker threads.
+    With numba installed each chunk is one compiled pass
+    (``kernels.layernorm_forward_rows``); the NumPy passes below are the reference.
     """
     check_float(x, "layernorm: x")
     C = x.shape[-1]
@@ -32,8 +35,11 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     x2 = x.reshape(-1, C)
     xhat, y = xp.empty_like(x2), xp.empty_like(x2)
     rstd = xp.empty(x2.shape[0], dtype=x.dtype)
+    fused = kernels.use_for(x2, gamma, beta)
 
     def rows(r):
+        if fused:
+            return kernels.layernorm_forward_rows(x2[r], gamma, beta, eps, y[r], xhat[r], rstd[r])
         xc = xhat[r]
         xp.subtract(x2[r], _row_mean(x2[r], xp)[:, None], out=xc)   # centred
         var = xp.einsum("nc,nc->n", xc, xc) / C                     # no squared copy
@@ -58,8 +64,11 @@ def layernorm_backward(dy, cache):
     C = xhat.shape[-1]
     dy2 = dy.reshape(-1, C)
     dx = xp.empty_like(dy2)
+    fused = kernels.use_for(dy2, xhat, gamma)
 
     def rows(r):
+        if fused:  # one compiled pass (the NumPy lines below are the reference)
+            return kernels.layernorm_backward_rows(dy2[r], xhat[r], rstd[r], gamma, dx[r])
         d, xh, g = dy2[r], xhat[r], dx[r]
         xp.multiply(d, gamma, out=g)                                 # dx is built in g's place
         g_xhat_mean = xp.einsum("nc,nc->n", g, xh) / C
@@ -72,4 +81,6 @@ def layernorm_backward(dy, cache):
     dbeta, dgamma = parts[0]
     for db, dg in parts[1:]:
         dbeta, dgamma = dbeta + db, dgamma + dg
+    if fused:  # the kernel summed them in float64
+        dbeta, dgamma = dbeta.astype(dy.dtype), dgamma.astype(dy.dtype)
     return dx.reshape(dy.shape), dgamma, dbeta
