@@ -220,3 +220,46 @@ def softmax_backward_rows_(dp, p):
 
     dp and p are 2-D (rows, T)."""
     _compiled(_softmax_backward_rows)(dp, p)
+
+
+# ---------------------------------------------------------------------------
+# softmax's forward (attention), around NumPy's exp
+# ---------------------------------------------------------------------------
+def _shift_rows(s, bias, has_bias, may_be_empty, zero):
+    N, T = s.shape
+    Tq = bias.shape[0]
+    for n in range(N):
+        if has_bias:
+            for j in range(T):
+                s[n, j] += bias[n % Tq, j]
+        row_max = s[n, 0]
+        for j in range(1, T):
+            row_max = max(row_max, s[n, j])
+        if may_be_empty and not numpy.isfinite(row_max):
+            row_max = zero  # a row that may see nothing: exp(-inf - 0) = 0 everywhere
+        for j in range(T):
+            s[n, j] -= row_max
+
+
+def _normalise_rows(s, may_be_empty, one):
+    N, T = s.shape
+    for n in range(N):
+        denom = _sum(s[n])
+        if may_be_empty and denom == 0:
+            denom = one
+        for j in range(T):
+            s[n, j] /= denom
+
+
+def softmax_rows_(s, bias=None, may_be_empty=False):
+    """s <- softmax(s + bias) along each row of 2-D ``s``, in place.
+
+    ``bias`` (Tq, T) is added to row n as bias[n % Tq] (the rows are (batch, head, query)
+    flattened), as attention's causal 0/-inf mask. A row with nothing allowed (all -inf)
+    gets all-zero weights when ``may_be_empty``, as in the NumPy path."""
+    has_bias = bias is not None
+    if bias is None:
+        bias = s[:1]
+    _compiled(_shift_rows)(s, bias, has_bias, may_be_empty, _scalar(0, s))
+    numpy.exp(s, out=s)
+    _compiled(_normalise_rows)(s, may_be_empty, _scalar(1, s))

@@ -156,7 +156,7 @@ def test_kernels_off_means_never_called(monkeypatch):
         raise AssertionError("a kernel ran with NPFLUX_NUMBA off")
 
     for name in ("layernorm_forward_rows", "layernorm_backward_rows", "adamw_update",
-                 "gelu_forward_rows", "gelu_backward_rows", "softmax_backward_rows_"):
+                 "gelu_forward_rows", "gelu_backward_rows", "softmax_rows_", "softmax_backward_rows_"):
         monkeypatch.setattr(kernels, name, boom)
     monkeypatch.setenv("NPFLUX_NUMBA", "0")
     x = np.random.default_rng(0).standard_normal((4, 6))
@@ -196,3 +196,41 @@ def test_nan_still_propagates():
         assert np.isnan(y).all()
         g, _ = ops.gelu_forward(x)
         assert np.isnan(g[0, 1]) and np.isfinite(g[0, [0, 2]]).all()
+
+@given(rows=st.integers(1, 50), T=st.integers(1, 130), dtype=dtypes, seed=seeds, causal=st.booleans())
+def test_softmax_forward_kernel_within_the_reordered_sum_bound(rows, T, dtype, seed, causal):
+    r = np.random.default_rng(seed)
+    s = (3 * r.standard_normal((rows, T))).astype(dtype)
+    bias = None
+    if causal:  # rows are (query) rows of a causal mask, repeated
+        Tq = min(T, 7)
+        bias = np.where(np.tri(Tq, T, k=T - Tq, dtype=bool), 0, -np.inf).astype(dtype)
+    fused = s.copy()
+    kernels.softmax_rows_(fused, bias)
+    plain = s + bias[np.arange(rows) % bias.shape[0]] if causal else s.copy()
+    plain -= plain.max(axis=1, keepdims=True)  # the shift is exact either way: equal exponentials
+    np.exp(plain, out=plain)
+    plain /= plain.sum(axis=1, keepdims=True)
+    # a sum of T positive terms in two orders: within 2 gamma_T of each other, relatively
+    assert fused.dtype == dtype
+    assert np.all(np.abs(fused - plain) <= (2 * 2 * gamma(T, dtype) + 4 * np.finfo(dtype).eps) * plain)
+
+
+def test_softmax_forward_kernel_rows_that_see_nothing_get_zeros():
+    s = np.array([[-np.inf, -np.inf], [0.0, 1.0]])
+    kernels.softmax_rows_(s, may_be_empty=True)
+    np.testing.assert_array_equal(s[0], [0.0, 0.0])
+    np.testing.assert_allclose(s[1], np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum(), rtol=1e-15)
+
+
+@pytest.mark.parametrize("Tq,Tk,causal", [(17, 17, True), (5, 9, False), (9, 5, True)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_forward_with_the_kernel_matches_numpy_path(Tq, Tk, causal, dtype):
+    r = np.random.default_rng(0)
+    q = r.standard_normal((2, 3, Tq, 8)).astype(dtype)
+    k, v = (r.standard_normal((2, 3, Tk, 8)).astype(dtype) for _ in range(2))
+    (o1, c1), (o2, c2) = both_paths(lambda: ops.attention_forward(q, k, v, causal=causal))
+    tol = {np.float32: 1e-5, np.float64: 1e-13}[dtype]
+    assert o1.dtype == dtype
+    np.testing.assert_allclose(c1[3], c2[3], rtol=tol, atol=0)  # the weights: relative, zeros exact
+    np.testing.assert_allclose(o1, o2, rtol=tol, atol=tol * np.abs(o2).max())

@@ -74,12 +74,17 @@ def attention_forward(q, k, v, causal=False, mask=None):
     # the softmax's passes (max, subtract, exp, sum, divide), which then cost
     # one trip to memory instead of six. The math is the same for any chunk,
     # and chunks are independent, so they also spread over the CPU's cores.
+    fused = blocked is None and kernels.use_for(q, k_t)
+
     def chunk(rows):
         w = weights[rows]
         xp.matmul(q[rows], k_t[rows], out=w)
-        if bias is not None:
-            w += bias
-        _masked_softmax_(xp, w, _rows_of(blocked, rows), may_be_empty=mask is not None or Tq > Tk)
+        if fused:  # the bias, the max and the sum compiled, NumPy's exp between: the lines below
+            kernels.softmax_rows_(w.reshape(-1, Tk), bias, may_be_empty=mask is not None or Tq > Tk)
+        else:
+            if bias is not None:
+                w += bias
+            _masked_softmax_(xp, w, _rows_of(blocked, rows), may_be_empty=mask is not None or Tq > Tk)
         xp.matmul(w, v[rows], out=out[rows])
 
     def block_causal_chunk(rows):  # the same, skipping the blocks above the diagonal
