@@ -162,7 +162,8 @@ def _profile_cuda(step):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lib", required=True,
-                   choices=["npflux", "torch_published", "torch_modern", "sgemm_numpy", "sgemm_torch"])
+                   choices=["npflux", "npflux_numpy", "torch_published", "torch_modern", "sgemm_numpy", "sgemm_torch"],
+                   help="npflux_numpy: npflux with its compiled kernels off (NPFLUX_NUMBA=0), the NumPy path only")
     p.add_argument("--preset", default="shakespeare-s1")
     p.add_argument("--batch", type=int)
     p.add_argument("--block", type=int)
@@ -176,6 +177,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="(cuda) count kernels and syncs of one step")
     args = p.parse_args(argv)
 
+    if args.lib == "npflux_numpy":
+        os.environ["NPFLUX_NUMBA"] = "0"
     t_import = time.perf_counter()
     info = {"lib": args.lib, "device": args.device, "preset": args.preset, "dtype": args.dtype, "pid": os.getpid()}
     if args.lib.startswith("sgemm"):
@@ -197,7 +200,7 @@ def main(argv=None):
         B = args.batch or TRAIN_PRESETS.get(args.preset, {}).get("batch_size", 16)
         T = args.block or cfg.block_size
         info.update(batch=B, block=T, config=cfg.to_dict())
-        if args.lib == "npflux":
+        if args.lib.startswith("npflux"):
             import npflux
             from npflux import parallel
 
