@@ -149,19 +149,22 @@ def layernorm_backward_rows(dy, xhat, rstd, gamma, dx):
 # ---------------------------------------------------------------------------
 # AdamW's update (npflux.optim.AdamW)
 # ---------------------------------------------------------------------------
-def _adamw_update(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, minus_step_size):
+def _adamw_update(p, g, m, v, decay, b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, minus_step_size):
     for i in range(p.size):
+        p[i] *= decay
         m[i] = m[i] * b1 + g[i] * one_minus_b1
         v[i] = v[i] * b2 + g[i] * g[i] * one_minus_b2
         p[i] += m[i] / (numpy.sqrt(v[i]) / bc2_sqrt + eps) * minus_step_size
 
 
-def adamw_update(p, g, m, v, b1, b2, step_size, bc2_sqrt, eps):
-    """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  p <- p - step_size m / (sqrt(v) / bc2_sqrt + eps).
+def adamw_update(p, g, m, v, b1, b2, step_size, bc2_sqrt, eps, decay=1.0):
+    """p <- decay p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    p <- p - step_size m / (sqrt(v) / bc2_sqrt + eps).
 
     One pass over 1-D p, g, m, v, in place; every element gets the NumPy path's
-    operations in its order, so the two agree to the bit."""
-    s = [_scalar(a, p) for a in (b1, 1.0 - b1, b2, 1.0 - b2, bc2_sqrt, eps, -step_size)]
+    operations in its order (the decay is AdamW's decoupled weight decay,
+    1 - lr * wd, or 1: a product by 1 is exact), so the two agree to the bit."""
+    s = [_scalar(a, p) for a in (decay, b1, 1.0 - b1, b2, 1.0 - b2, bc2_sqrt, eps, -step_size)]
     _compiled(_adamw_update)(p, g, m, v, *s)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy
+
 from . import kernels
 from .backend import flat_base, get_array_module
 from .parallel import parallel_map, row_chunks
@@ -257,6 +259,8 @@ class AdamW(_Optimizer):
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
         flat_g = self._flat_grads(grads)
+        if flat_g is not None and kernels.use_for(self.flat_params, flat_g, self.flat_m, self.flat_v):
+            return self._fused_flat_step(flat_g, 1.0 - lr * wd, step_size, bc2_sqrt)
         if flat_g is not None:
             p = self.flat_params
             if wd != 0.0:
@@ -273,6 +277,22 @@ class AdamW(_Optimizer):
                 p *= 1.0 - lr * wd
             (tmp,) = self._scratch.views(p)
             self._update(p, grads[name], self.m[name], self.v[name], tmp, step_size, bc2_sqrt)
+
+    def _fused_flat_step(self, flat_g, decay, step_size, bc2_sqrt):
+        """The flat buffer's step through ``kernels.adamw_update``, the decay folded in: each worker
+        thread's share of the buffer, a kernel call per stretch that is decayed or not."""
+        p, m, v = self.flat_params, self.flat_m, self.flat_v
+        bounds = sorted({0, p.size, *(i for run in self._runs for i in run)})
+        decayed = {start for start, _ in self._runs}
+
+        def share(r):
+            for start, stop in zip(bounds, bounds[1:]):
+                lo, hi = max(start, r.start), min(stop, r.stop)
+                if lo < hi:
+                    kernels.adamw_update(p[lo:hi], flat_g[lo:hi], m[lo:hi], v[lo:hi], *self.betas, step_size,
+                                         bc2_sqrt, self.eps, decay=decay if start in decayed else 1.0)
+
+        parallel_map(share, row_chunks(numpy, p.size))
 
     def _update(self, p, g, m, v, tmp, step_size, bc2_sqrt):
         """The Adam part of the step, in place, for one array (or a piece of the flat buffer of all);
