@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 
-import numpy
-
 from . import kernels
 from .backend import flat_base, get_array_module
 from .parallel import parallel_map, row_chunks
@@ -292,7 +290,7 @@ class AdamW(_Optimizer):
                     kernels.adamw_update(p[lo:hi], flat_g[lo:hi], m[lo:hi], v[lo:hi], *self.betas, step_size,
                                          bc2_sqrt, self.eps, decay=decay if start in decayed else 1.0)
 
-        parallel_map(share, row_chunks(numpy, p.size))
+        parallel_map(share, row_chunks(get_array_module(p), p.size))
 
     def _update(self, p, g, m, v, tmp, step_size, bc2_sqrt):
         """The Adam part of the step, in place, for one array (or a piece of the flat buffer of all);

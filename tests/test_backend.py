@@ -250,7 +250,8 @@ def test_compute_code_never_imports_numpy_or_cupy():
     ``get_array_module(x)`` / ``backend.xp`` instead.
 
     Allowed elsewhere: backend.py (the one place that knows both),
-    gradcheck.py (a float64 host-side checking tool), and the host-side I/O
+    gradcheck.py (a float64 host-side checking tool), kernels.py (compiled
+    CPU kernels, which ``kernels.use_for`` hands NumPy arrays only), and the host-side I/O
     modules -- data.py, checkpoint.py and tokenizers/ -- which read files and
     build token arrays on the host before anything is put on a device.
     Imports are found with ``ast`` so a docstring mentioning ``import numpy``
