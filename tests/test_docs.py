@@ -36,7 +36,7 @@ TIME_LIMIT_S = 120       # per snippet; each runs in about a second
 MAX_NOT_RUN = 3          # exemptions stay few
 
 SETUP_COMMANDS = [
-    "    pip install -e . && npflux train --preset shakespeare-s1 --max-iters 2000 --download",
+    '    pip install -e ".[fast]" && npflux train --preset shakespeare-s1 --max-iters 2000 --download',
     '    pip install -e ".[test]" && python -m pytest -q',
 ]
 

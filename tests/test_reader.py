@@ -263,6 +263,51 @@ def test_training_lowers_the_span_loss_and_saves_a_reader(reader_dir):
     assert vocab2 == vocab and ckpt.kind == "reader"
 
 
+def test_an_interrupted_reader_run_resumes_to_the_straight_runs_weights(tmp_path, monkeypatch):
+    import npflux.training.reader as training_reader
+    from npflux.checkpoint import load_checkpoint
+    from npflux.training.reader import ReaderTrainConfig, train_reader
+
+    model = {"n_layer": 1, "n_embd": 8, "n_head": 2, "block_size": 64, "dropout": 0.1}
+
+    def cfg(out, **kw):
+        return ReaderTrainConfig(out_dir=str(out), steps=9, batch_size=8, eval_interval=3, eval_examples=8,
+                                 vocab_examples=500, warmup_iters=2, progress=False, **kw)
+
+    straight, _, history = train_reader(model, cfg(tmp_path / "a"), log=lambda *_: None)
+    real_batch, calls = training_reader.example_batch, []
+
+    def dies_at_step_5(*a, **k):  # the run is killed during step 5: the checkpoint on disk is step 3's
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_batch(*a, **k)
+
+    monkeypatch.setattr(training_reader, "example_batch", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_reader(model, cfg(tmp_path / "b"), log=lambda *_: None)
+    monkeypatch.setattr(training_reader, "example_batch", real_batch)
+    assert load_checkpoint(tmp_path / "b" / "ckpt").step == 3
+    with pytest.raises(ValueError, match="other settings: learning_rate"):
+        train_reader(model, cfg(tmp_path / "b", learning_rate=5e-3), log=lambda *_: None, resume=True)
+    resumed, _, history_b = train_reader(model, cfg(tmp_path / "b"), log=lambda *_: None, resume=True)
+    for name, p in straight.params.items():
+        np.testing.assert_array_equal(resumed.params[name], p)  # the same arithmetic in the same order
+    assert [e["step"] for e in history_b] == [e["step"] for e in history] == [3, 6, 9]
+    assert [e["f1"] for e in history_b] == [e["f1"] for e in history]
+    log_steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log_steps == [3, 6, 9]
+
+
+def test_reader_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
+    from npflux.checkpoint import CheckpointNotFound
+    from npflux.training.reader import ReaderTrainConfig, train_reader
+
+    with pytest.raises(CheckpointNotFound, match="--resume: no checkpoint in"):
+        train_reader(None, ReaderTrainConfig(out_dir=str(tmp_path / "none"), steps=3, progress=False),
+                     log=lambda *_: None, resume=True)
+
+
 def test_a_reader_is_no_teacher_and_no_gpt(reader_dir):
     from npflux.checkpoint import GPT_KINDS, WrongKind, load_model
     from npflux.training.distill import load_teacher

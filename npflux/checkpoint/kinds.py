@@ -336,13 +336,16 @@ def load_sae(directory, backend=None, dtype=None):
 # ---------------------------------------------------------------------------
 
 
-def save_reader(directory, reader, vocab, train: dict | None = None, extra=None):
-    """An extractive reader: its weights, ReaderConfig and word vocabulary (which is its tokenizer)."""
+def save_reader(directory, reader, vocab, train: dict | None = None, extra=None, optimizer_state=None, step=0,
+                rng_state=None):
+    """An extractive reader: its weights, ReaderConfig and word vocabulary (which is its tokenizer);
+    training adds the optimizer, the step and the question generator's RNG state, for ``--resume``."""
     if vocab.size != reader.config.vocab_size:
         raise ValueError(f"save_reader: the vocabulary has {vocab.size} ids, the reader {reader.config.vocab_size}")
     config = {"reader": reader.config.to_dict(), "vocab": vocab.to_dict(),
               "train": {**(train or {}), "dtype": reader.dtype.name}}
-    return save_checkpoint(directory, reader.state_dict(), config, extra=extra, kind="reader")
+    return save_checkpoint(directory, reader.state_dict(), config, optimizer_state=optimizer_state, step=step,
+                           rng_state=rng_state, extra=extra, kind="reader")
 
 
 def _load_reader(ckpt, directory, backend=None, dtype=None):

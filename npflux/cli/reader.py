@@ -1,6 +1,6 @@
 """npflux reader train: the extractive reader of ``npflux ask --reader``, on synthetic question/answer pairs.
 
-    npflux reader train [--out-dir out-reader] [--steps 3000] [--n-layer 3 --n-embd 64 --n-head 4] [--overwrite]
+    npflux reader train [--out-dir out-reader] [--steps 3000] [--n-layer 3 --n-embd 64 --n-head 4] [--overwrite | --resume]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _train(args):
     cfg = ReaderTrainConfig(out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, eval_interval=args.eval_interval, seed=args.seed,
                             backend=args.backend, progress=not args.quiet)
-    _, _, history = train_reader(model, cfg, overwrite=args.overwrite)
+    _, _, history = train_reader(model, cfg, overwrite=args.overwrite, resume=args.resume)
     last = history[-1]
     print(f"checkpoint: {args.out_dir}/ckpt   log: {args.out_dir}/log.jsonl   held-out synthetic exact match "
           f"{last['exact_match']:.3f}, F1 {last['f1']:.3f}")
@@ -26,6 +26,9 @@ def add_parsers(sub):
     t = rsub.add_parser("train", help="train a reader on generated question/answer pairs")
     t.add_argument("--out-dir", default="out-reader", help="where ckpt/ and log.jsonl go (default out-reader)")
     add_overwrite_flag(t, "OUT_DIR/ckpt and log.jsonl")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in OUT_DIR/ckpt (written at every evaluation), with "
+                        "the same settings; --steps counts from step 0 and may be raised to train on")
     t.add_argument("--steps", type=positive_int, default=3000, help="training steps (default 3000)")
     t.add_argument("--batch-size", type=positive_int, default=32, help="generated questions per step (default 32)")
     t.add_argument("--learning-rate", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")

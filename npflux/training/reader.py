@@ -4,8 +4,9 @@
     for step in range(steps):
         batch of fresh examples from SyntheticQA(seed)   (an endless stream: nothing is seen twice)
         train_step(reader, AdamW, [batch])                 span loss, backward, clip, step
-        every eval_interval steps: exact match / F1 on held-out synthetic examples (another seed)
-    save: checkpoint kind "reader" (weights, ReaderConfig, the vocabulary)
+        every eval_interval steps: exact match / F1 on held-out synthetic examples (another seed),
+                                   and a checkpoint (kind "reader": weights, ReaderConfig, the vocabulary,
+                                   optimizer, the generator's state) that --resume continues
 
 The labelled questions over ``neuraflux_corpus.txt`` are never used here
 (benchmarks/qa_reader.py evaluates on them).
@@ -17,10 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import optim
 from ..backend import get_backend, resolve_dtype
 from ..checkpoint.outdir import claim_output
 from ..models.reader import Reader, ReaderConfig
+from ..nn.layers import reseed_dropout
 from ..tasks.qa import SyntheticQA, exact_match, read_pairs, token_f1
 from ..tokenizers.words import ReaderVocab, collate
 from .loop import RunLog, progress, train_step
@@ -93,33 +97,62 @@ def evaluate_reader(reader, vocab, examples, threshold=0.0):
     return em / len(examples), f1 / len(examples)
 
 
-def train_reader(model_config: dict | None, cfg: ReaderTrainConfig, log=print, overwrite=False):
-    """Train a reader; returns (reader, vocab, history). ``model_config``: ReaderConfig fields but vocab_size."""
+# what a resumed run must share with the checkpoint's. The rest may change: eval_interval, progress, and
+# steps (with the warmup it implies), which moves the cosine schedule's end, as npflux train's --max-iters does
+_RESUME_FIELDS = ("batch_size", "learning_rate", "min_lr", "weight_decay", "grad_clip", "eval_examples",
+                  "vocab_examples", "min_count", "n_buckets", "seed", "dtype")
+
+
+def train_reader(model_config: dict | None, cfg: ReaderTrainConfig, log=print, overwrite=False, resume=False):
+    """Train a reader; returns (reader, vocab, history). ``model_config``: ReaderConfig fields but vocab_size.
+
+    A checkpoint (weights, optimizer, the question generator's state) is written at every
+    evaluation; ``resume=True`` continues the one in ``cfg.out_dir`` and ends with the weights
+    a run straight through would have (tests/test_reader.py)."""
+    from ..checkpoint import load_checkpoint, rng_from_json, rng_state_to_json
     from ..checkpoint.kinds import save_reader
 
     out = Path(cfg.out_dir)
-    claim = claim_output(out / "ckpt", kind="reader", overwrite=overwrite, companions=[out / "log.jsonl"],
-                         can_resume=False, log=log)
+    ckpt_dir = out / "ckpt"
+    claim = claim_output(ckpt_dir, kind="reader", resume=resume, overwrite=overwrite, companions=[out / "log.jsonl"],
+                         log=log)
     gen = SyntheticQA(cfg.seed)
-    sample = gen.take(cfg.vocab_examples)
-    vocab = ReaderVocab.build([t for ex in sample for t in (ex.question, ex.passage)], cfg.min_count, cfg.n_buckets)
-    config = ReaderConfig(vocab_size=vocab.size, **(model_config or {}))
+    ckpt = load_checkpoint(ckpt_dir) if resume else None
+    if ckpt is None:
+        sample = gen.take(cfg.vocab_examples)
+        vocab = ReaderVocab.build([t for ex in sample for t in (ex.question, ex.passage)], cfg.min_count, cfg.n_buckets)
+        config = ReaderConfig(vocab_size=vocab.size, **(model_config or {}))
+    else:
+        vocab, config = _check_resume(ckpt, ckpt_dir, model_config, cfg)
     backend = get_backend(cfg.backend)
     reader = Reader(config, seed=cfg.seed, backend=backend, dtype=resolve_dtype(cfg.dtype))
     opt = optim.AdamW(reader.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                       decay_filter=optim.nanogpt_decay)
+    history, start = [], 1
+    if ckpt is not None:
+        reader.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer_state)
+        gen.rng = rng_from_json(ckpt.rng_state["questions"])
+        history, start = list(ckpt.extra["history"]), ckpt.step + 1
+        log(f"resumed from {ckpt_dir} at step {ckpt.step}")
     held_out = SyntheticQA(cfg.seed + 1).take(cfg.eval_examples)
     claim.begin()
     out.mkdir(parents=True, exist_ok=True)
-    run_log = RunLog(out / "log.jsonl")
+    run_log = RunLog(out / "log.jsonl", kept=history)
     log(f"reader: {reader.num_parameters():,} parameters; vocabulary {len(vocab.words)} words + "
         f"{vocab.n_buckets} hash buckets; {cfg.steps} steps of {cfg.batch_size} fresh examples")
-    history = []
-    bar = progress(cfg.steps, enabled=cfg.progress)
+
+    def save(step):
+        save_reader(ckpt_dir, reader, vocab, train=asdict(cfg), extra={"history": history},
+                    optimizer_state=opt.state_dict(), step=step, rng_state={"questions": rng_state_to_json(gen.rng)})
+
+    bar = progress(cfg.steps, enabled=cfg.progress, initial=start - 1)
     reader.train()
-    t0 = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    for step in range(start, cfg.steps + 1):
         opt.lr = optim.cosine_with_warmup(step - 1, cfg.learning_rate, cfg.warmup_iters, cfg.steps, cfg.min_lr)
+        if config.dropout:  # the step's masks depend on (seed, step) alone: a resumed run draws the same ones
+            reseed_dropout(reader, int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
         batch = example_batch(vocab, gen.take(cfg.batch_size), config.block_size)
         loss, _ = train_step(reader, opt, [(batch,)], grad_clip=cfg.grad_clip)
         if bar:
@@ -132,13 +165,38 @@ def train_reader(model_config: dict | None, cfg: ReaderTrainConfig, log=print, o
                      "seconds": time.perf_counter() - t0}
             history.append(entry)
             run_log.append(entry)
+            save(step)  # a checkpoint per evaluation: an interrupted run resumes from the last one
             msg = f"step {step}: loss {loss:.4f}, held-out synthetic exact match {em:.3f}, F1 {f1:.3f}"
             bar.write(msg) if bar else log(msg)
     if bar:
         bar.close()
-    save_reader(out / "ckpt", reader, vocab, train=asdict(cfg), extra={"history": history})
+    if not history or history[-1]["step"] != cfg.steps:  # resumed at the last step: nothing ran, nothing written
+        save(cfg.steps)
     claim.complete()
     return reader, vocab, history
+
+
+def _check_resume(ckpt, ckpt_dir, model_config, cfg):
+    """The checkpoint's vocabulary and ReaderConfig, once it is known to be this run's; else one-line errors."""
+    from ..checkpoint import CheckpointError
+    from ..tokenizers.words import ReaderVocab
+
+    if ckpt.optimizer_state is None or not isinstance(ckpt.rng_state, dict) or "questions" not in ckpt.rng_state:
+        raise CheckpointError(f"--resume: {ckpt_dir} holds a finished reader without its optimizer and question "
+                              f"generator state (written before --resume existed); train into another --out-dir")
+    saved = ckpt.config.get("train", {})
+    differing = [f"{k} {saved.get(k)!r} (asked: {getattr(cfg, k)!r})" for k in _RESUME_FIELDS
+                 if k in saved and saved[k] != getattr(cfg, k)]
+    config = ReaderConfig.from_dict(ckpt.config["reader"])
+    asked = {**config.to_dict(), **(model_config or {})}
+    differing += [f"{k} {v!r} (asked: {asked[k]!r})" for k, v in config.to_dict().items() if asked[k] != v]
+    if differing:
+        raise ValueError(f"--resume: {ckpt_dir} was trained with other settings: {', '.join(differing)}; resume "
+                         f"with the checkpoint's settings, or train into another --out-dir")
+    if ckpt.step > cfg.steps:
+        raise ValueError(f"--resume: {ckpt_dir} is at step {ckpt.step}, beyond --steps {cfg.steps}; --steps "
+                         f"counts from step 0: pass a number above {ckpt.step} to train on")
+    return ReaderVocab.from_dict(ckpt.config["vocab"]), config
 
 
 __all__ = ["ReaderTrainConfig", "evaluate_reader", "example_batch", "train_reader"]
