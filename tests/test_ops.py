@@ -904,3 +904,37 @@ def test_layernorm_backward_float32_nearly_constant_row(torch):
                                    torch.tensor(beta.astype(np.float64)), 1e-5).backward(torch.tensor(dy.astype(np.float64)))
     assert dx.dtype == np.float32
     assert rel_error(dx, t.grad.numpy()) < 1e-5
+
+
+def _strided(a):
+    """The same values in another memory layout (axes 0 and 1 swapped in memory, or Fortran order)."""
+    return np.asfortranarray(a) if a.ndim == 2 else np.ascontiguousarray(np.swapaxes(a, 0, 1)).swapaxes(0, 1)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_every_op_gives_the_same_answer_for_inputs_in_any_memory_layout(numba):
+    # gelu wrote its output through a reshape that copied a transposed input's layout and returned an
+    # unwritten array (found with the compiled kernels, on both paths): inputs that are views must not matter
+    from npflux import settings
+
+    r = np.random.default_rng(0)
+    x, dy, w = r.standard_normal((4, 6, 8)), r.standard_normal((4, 6, 8)), r.standard_normal((8, 5))
+    g, b = r.standard_normal(8), r.standard_normal(8)
+    logits, t = r.standard_normal((12, 7)), r.integers(0, 7, 12)
+    q, k, v, do = (r.standard_normal((2, 3, 5, 4)) for _ in range(4))
+    cases = {
+        "gelu": (lambda x, dy: (lambda y, c: (y, ops.gelu_backward(dy, c)))(*ops.gelu_forward(x)), x, dy),
+        "gelu out=dy": (lambda x, dy: ops.gelu_backward(dy, ops.gelu_forward(x)[1], out=dy), x, dy),
+        "relu": (lambda x, dy: (lambda y, c: (y, ops.relu_backward(dy, c)))(*ops.relu_forward(x)), x, dy),
+        "layernorm": (lambda x, dy: (lambda y, c: (y, *ops.layernorm_backward(dy, c)))(*ops.layernorm_forward(x, g, b)), x, dy),
+        "softmax": (lambda x, dy: (lambda y, c: (y, ops.softmax_backward(dy, c)))(*ops.softmax_forward(x)), x, dy),
+        "linear": (lambda x, dy: (lambda y, c: (y, *ops.linear_backward(dy[..., :5], c)[:2]))(*ops.linear_forward(x, w)), x, dy),
+        "cross_entropy": (lambda l: (lambda L, c: (L, ops.cross_entropy_backward(1.0, c)))(*ops.cross_entropy_forward(l, t)), logits),
+        "attention": (lambda q, k, v, do: (lambda o, c: (o, *ops.attention_backward(do, c)))(*ops.attention_forward(q, k, v, causal=True)), q, k, v, do),
+    }
+    with settings.override(numba=numba):
+        for name, (fn, *arrays) in cases.items():
+            plain = fn(*[a.copy() for a in arrays])
+            strided = fn(*[_strided(a) for a in arrays])
+            for p, s in zip(plain, strided):
+                np.testing.assert_allclose(s, p, rtol=1e-12, atol=1e-12, err_msg=name)

@@ -21,7 +21,9 @@ def gelu_forward(x):
     """
     check_float(x, "gelu: x")
     xp = get_array_module(x)
-    t, y = xp.empty_like(x), xp.empty_like(x)
+    # t and y in C order whatever x's layout, so that their 2-D reshapes are views that the rows write
+    # through (empty_like would copy a transposed x's layout, and reshaping that copies)
+    t, y = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=x.dtype)
     x2, t2, y2 = (a.reshape(-1, x.shape[-1]) if x.ndim else a.reshape(1, 1) for a in (x, t, y))
 
     fused = kernels.use_for(x2)
@@ -50,7 +52,11 @@ def gelu_backward(dy, cache, out=None):
     """
     x, t = cache
     xp = get_array_module(dy)
-    dx = xp.empty_like(dy) if out is None else out
+    if out is not None and not out.flags.c_contiguous:  # its reshape would be a copy: write there after
+        dx = gelu_backward(dy, cache)
+        out[...] = dx
+        return out
+    dx = xp.empty(dy.shape, dtype=dy.dtype) if out is None else out  # C order: dx2 below is a view
     shape2 = (-1, x.shape[-1]) if x.ndim else (1, 1)
     x2, t2, dy2, dx2 = (a.reshape(shape2) for a in (x, t, dy, dx))
 

@@ -211,7 +211,8 @@ def attention_backward(dout, cache, out=None):
     def chunk(rows):
         P = weights[rows]
         xp.matmul(P.swapaxes(-1, -2), dout[rows], out=dv[rows])
-        dscores = dout[rows] @ v[rows].swapaxes(-1, -2)  # dP, then dS in place
+        # dP, then dS in place; in C order (a product takes its inputs' layout), so the kernel's 2-D view is one
+        dscores = xp.matmul(dout[rows], v[rows].swapaxes(-1, -2), out=xp.empty(P.shape, dtype=P.dtype))
         if fused:  # one compiled pass of the three lines below
             kernels.softmax_backward_rows_(dscores.reshape(-1, P.shape[-1]), P.reshape(-1, P.shape[-1]))
         else:
