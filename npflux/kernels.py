@@ -24,8 +24,8 @@ transcendental functions stay NumPy calls between two kernels.
 
 Precision: float32 stays float32 (every scalar, 1 and 0.5 included, is passed
 in the arrays' dtype: a literal 1.0 in a kernel is a float64 and would widen
-the arithmetic), except layer norm's dgamma and dbeta,
-sums over all rows, which accumulate in float64. Each element is computed by
+the arithmetic), except layer norm's dgamma and dbeta, sums over all rows,
+which accumulate in float64. Each element is computed by
 the NumPy path's formula in its order; only the sums along a row are
 reassociated (Numba's ``fastmath`` "reassoc", so they vectorise), which moves
 them by rounding, as BLAS's sums already differ between kernels. No flag that
@@ -34,8 +34,8 @@ assumes no NaN or inf is set: a diverging run still shows NaN.
 Each kernel is compiled on first use for the dtypes it meets and cached on
 disk by Numba, so later processes load it (measured: the first training step
 of a GPT takes 2.6 s longer on a fresh install, 0.4 s once the cache is
-there). ``nogil`` lets
-``parallel_map`` run a kernel on several row chunks at once.
+there). ``nogil`` lets ``parallel_map`` run a kernel on several row chunks at
+once.
 """
 from __future__ import annotations
 
@@ -210,24 +210,6 @@ def gelu_backward_rows(dy, x, t, c, a, dx):
 
 
 # ---------------------------------------------------------------------------
-# softmax's backward (attention)
-# ---------------------------------------------------------------------------
-def _softmax_backward_rows(dp, p):
-    N, T = p.shape
-    for n in range(N):
-        dot = _dot(dp[n], p[n])
-        for j in range(T):
-            dp[n, j] = (dp[n, j] - dot) * p[n, j]
-
-
-def softmax_backward_rows_(dp, p):
-    """dp <- p * (dp - sum_j dp_j p_j), row by row, in place: dS from dP for P = softmax(S).
-
-    dp and p are 2-D (rows, T)."""
-    _compiled(_softmax_backward_rows)(dp, p)
-
-
-# ---------------------------------------------------------------------------
 # softmax's forward (attention), around NumPy's exp
 # ---------------------------------------------------------------------------
 def _shift_rows(s, bias, has_bias, may_be_empty, zero):
@@ -264,7 +246,25 @@ def softmax_rows_(s, bias=None, may_be_empty=False):
     gets all-zero weights when ``may_be_empty``, as in the NumPy path."""
     has_bias = bias is not None
     if bias is None:
-        bias = s[:1]
+        bias = s[:1]  # unread: a placeholder of the same type, as the compiled kernel needs an array
     _compiled(_shift_rows)(s, bias, has_bias, may_be_empty, _scalar(0, s))
     numpy.exp(s, out=s)
     _compiled(_normalise_rows)(s, may_be_empty, _scalar(1, s))
+
+
+# ---------------------------------------------------------------------------
+# softmax's backward (attention)
+# ---------------------------------------------------------------------------
+def _softmax_backward_rows(dp, p):
+    N, T = p.shape
+    for n in range(N):
+        dot = _dot(dp[n], p[n])
+        for j in range(T):
+            dp[n, j] = (dp[n, j] - dot) * p[n, j]
+
+
+def softmax_backward_rows_(dp, p):
+    """dp <- p * (dp - sum_j dp_j p_j), row by row, in place: dS from dP for P = softmax(S).
+
+    dp and p are 2-D (rows, T)."""
+    _compiled(_softmax_backward_rows)(dp, p)

@@ -295,7 +295,8 @@ class AdamW(_Optimizer):
     def _update(self, p, g, m, v, tmp, step_size, bc2_sqrt):
         """The Adam part of the step, in place, for one array (or a piece of the flat buffer of all);
         ``tmp`` is scratch space of p's shape. With numba installed, one compiled pass over
-        the flat buffer (``kernels.adamw_update``) instead of the twelve NumPy passes below."""
+        the array (``kernels.adamw_update``) instead of the twelve NumPy passes below; the flat
+        buffer goes through ``_fused_flat_step`` instead."""
         xp = get_array_module(p)
         b1, b2 = self.betas
         if kernels.use_for(p, g, m, v) and all(a.flags.c_contiguous for a in (p, g, m, v)):

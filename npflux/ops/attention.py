@@ -75,16 +75,17 @@ def attention_forward(q, k, v, causal=False, mask=None):
     # one trip to memory instead of six. The math is the same for any chunk,
     # and chunks are independent, so they also spread over the CPU's cores.
     fused = blocked is None and kernels.use_for(q, k_t)
+    may_be_empty = mask is not None or Tq > Tk
 
     def chunk(rows):
         w = weights[rows]
         xp.matmul(q[rows], k_t[rows], out=w)
         if fused:  # the bias, the max and the sum compiled, NumPy's exp between: the lines below
-            kernels.softmax_rows_(w.reshape(-1, Tk), bias, may_be_empty=mask is not None or Tq > Tk)
+            kernels.softmax_rows_(w.reshape(-1, Tk), bias, may_be_empty=may_be_empty)
         else:
             if bias is not None:
                 w += bias
-            _masked_softmax_(xp, w, _rows_of(blocked, rows), may_be_empty=mask is not None or Tq > Tk)
+            _masked_softmax_(xp, w, _rows_of(blocked, rows), may_be_empty=may_be_empty)
         xp.matmul(w, v[rows], out=out[rows])
 
     def block_causal_chunk(rows):  # the same, skipping the blocks above the diagonal
