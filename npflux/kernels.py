@@ -39,6 +39,8 @@ once.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy
 
 from . import settings
@@ -46,23 +48,30 @@ from . import settings
 _NUMBA = None      # the numba module once imported, False when it is not installed
 _COMPILED = {}     # python function -> its compiled version
 _DTYPES = (numpy.float32, numpy.float64)
+_LOCK = threading.Lock()  # the first use may come from two threads at once (training.threads' shares)
 
 
 def available() -> bool:
     """Whether numba can be imported (the first call imports it, and compiles the sums below)."""
-    global _NUMBA, _sum, _dot
     if _NUMBA is None:
-        try:
-            import numba
-        except ImportError:
-            numba = False
-        if numba:
-            # Sums over a row may be reassociated, so they vectorise; nothing else may:
-            # the kernels' element-wise formulas keep the NumPy path's order exactly.
-            reassociate = numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
-            _sum, _dot = reassociate(_sum), reassociate(_dot)
-        _NUMBA = numba
+        with _LOCK:
+            if _NUMBA is None:
+                _import_numba()
     return _NUMBA is not False
+
+
+def _import_numba():
+    global _NUMBA, _sum, _dot
+    try:
+        import numba
+    except ImportError:
+        numba = False
+    if numba:
+        # Sums over a row may be reassociated, so they vectorise; nothing else may:
+        # the kernels' element-wise formulas keep the NumPy path's order exactly.
+        reassociate = numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+        _sum, _dot = reassociate(_sum), reassociate(_dot)
+    _NUMBA = numba
 
 
 def use_for(*arrays) -> bool:
@@ -75,8 +84,11 @@ def use_for(*arrays) -> bool:
 def _compiled(fn):
     kernel = _COMPILED.get(fn)
     if kernel is None:
-        kernel = _NUMBA.njit(nogil=True, cache=True, error_model="numpy")(fn)
-        _COMPILED[fn] = kernel
+        with _LOCK:
+            kernel = _COMPILED.get(fn)
+            if kernel is None:
+                kernel = _NUMBA.njit(nogil=True, cache=True, error_model="numpy")(fn)
+                _COMPILED[fn] = kernel
     return kernel
 
 

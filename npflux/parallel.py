@@ -32,6 +32,7 @@ one thread gets one thread whatever a script set earlier; a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -191,7 +192,7 @@ def parallel_map(fn, items):
     n = num_threads()
     # Already on a worker (a parallel op inside a parallel op): waiting for the
     # pool from inside it could deadlock, so run here.
-    nested = threading.current_thread().name.startswith("npflux")
+    nested = _on_one_thread()
     if n <= 1 or len(items) <= 1 or nested:
         return [fn(item) for item in items]
     if _POOL is None or _POOL._max_workers < n - 1:  # none yet, or an override asks for more
@@ -220,6 +221,30 @@ def parallel_map(fn, items):
         return results
 
 
+_LOCAL = threading.local()
+
+
+def _on_one_thread() -> bool:
+    """True where parallel work must stay on the calling thread: on a worker, or inside ``one_thread()``."""
+    return getattr(_LOCAL, "one_thread", False) or threading.current_thread().name.startswith("npflux")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """``with one_thread():`` every parallel op in the block runs on the calling thread alone.
+
+    For a caller that already keeps every core busy with work of its own (the
+    batch shards of ``npflux.training.replicas``): the ops must not queue for
+    workers that are busy with the other shards.
+    """
+    before = getattr(_LOCAL, "one_thread", False)
+    _LOCAL.one_thread = True
+    try:
+        yield
+    finally:
+        _LOCAL.one_thread = before
+
+
 def _run_all(fn, items):
     return [fn(item) for item in items]
 
@@ -232,7 +257,7 @@ def row_chunks(xp, n_rows: int, row_size: int = 1):
     """Slices covering range(n_rows): one per worker thread when the work
     (n_rows * row_size elements) is large enough to pay for threads, else one
     (always one off the CPU, where the device runs the whole array at once)."""
-    big = xp is numpy and n_rows * row_size >= _MIN_SPLIT_ELEMENTS
+    big = xp is numpy and n_rows * row_size >= _MIN_SPLIT_ELEMENTS and not _on_one_thread()
     parts = min(num_threads(), n_rows) if big else 1
     step = -(-n_rows // max(parts, 1)) if n_rows else 1
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)] or [slice(0, 0)]

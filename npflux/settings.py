@@ -17,6 +17,12 @@ numba                NPFLUX_NUMBA                flag      True
     run fused element-wise work (layer norm, AdamW, GELU, softmax's
     backward) through Numba-compiled kernels when numba is installed
     (``npflux.kernels``); off: the NumPy path everywhere
+split_batch          NPFLUX_SPLIT_BATCH          auto or   "auto"
+                                                 flag
+    split a training step's batch rows over the worker threads, each thread
+    running the whole forward and backward of its rows on a replica of the
+    model (``npflux.training.threads``); "auto": where each thread's share
+    is large enough to pay (measured); on: wherever the model allows; off: never
 hypothesis_examples  NPFLUX_HYPOTHESIS_EXAMPLES  int >= 1  25
     examples per Hypothesis property in the test suite (tests/conftest.py)
 mpi_ranks            NPFLUX_MPI_RANKS,           int >= 1  None
@@ -89,6 +95,15 @@ def _flag(value) -> bool:
     return text in _TRUE
 
 
+def _auto_or_flag(value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _flag(value)
+    except ValueError:
+        raise ValueError(f"expected auto or one of {', '.join(_TRUE + _FALSE)}") from None
+
+
 def _path(value) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError("expected a path")
@@ -123,6 +138,7 @@ SETTINGS = {s.name: s for s in (
     Setting("data_dir", "NPFLUX_DATA_DIR", _path, None),
     Setting("debug", "NPFLUX_DEBUG", _flag, False),
     Setting("numba", "NPFLUX_NUMBA", _flag, True),
+    Setting("split_batch", "NPFLUX_SPLIT_BATCH", _auto_or_flag, "auto"),
     Setting("hypothesis_examples", "NPFLUX_HYPOTHESIS_EXAMPLES", _positive_int, 25),
     Setting("mpi_ranks", "NPFLUX_MPI_RANKS", _positive_int, None, foreign=("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")),
 )}

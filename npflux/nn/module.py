@@ -137,6 +137,26 @@ class Module:
         object.__setattr__(self, "_flat_grads", flat_g)
         return flat_p, flat_g
 
+    def share_parameters_of(self, source: "Module"):
+        """Make every parameter of this module the SAME array as ``source``'s; gradients stay its own.
+
+        The two must have the same parameter names, shapes, dtypes and array
+        types (else ValueError, nothing changed). Afterwards an optimizer step on ``source`` is seen
+        here at once, and a backward here adds into this module's gradients
+        only: a replica that computes gradients for another share of a batch
+        (``npflux.training.threads``). The one other place, with
+        ``flatten_parameters``, that rebinds ``p[name]``.
+        """
+        mine, theirs = list(self._owners()), list(source._owners())
+
+        def layout(owners):
+            return [(n, tuple(m.p[k].shape), m.p[k].dtype, type(m.p[k])) for m, k, n in owners]
+        if layout(mine) != layout(theirs):
+            raise ValueError("share_parameters_of: the modules differ in their parameters' names, shapes or dtypes")
+        for (module, k, _), (src, src_k, _) in zip(mine, theirs):
+            module.p[k] = src.p[src_k]
+        Module._structure_version += 1
+
     # -- modes --------------------------------------------------------------
     def train(self, mode=True):
         self.training = mode

@@ -4,6 +4,8 @@
                  optimizer step),
                  evaluating(model), progress bars, RunLog (log.jsonl) and plot_losses (loss.png),
                  windows_loss (the one text evaluator)
+    threads.py   a step's batch rows split over the worker threads, one model replica each (train_step
+                 uses it by itself where it pays)
     gpt.py       train(): a GPT on text, with evaluation, checkpoints, --resume, log and plot
     seq2seq.py   train_seq2seq(): an encoder-decoder on a generated task
     lora.py      finetune(): LoRA adapters on a trained GPT (and int8 quantization of it)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import optim
 from ..distributed import GradientSync
+from .threads import batch_split
 
 ONE_PROCESS = GradientSync()  # train_step's default: one process, nothing to synchronise
 
@@ -55,10 +56,17 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     the last backward where it can) before the norm, the clipping and the
     step, and the loss is summed likewise; by default one process, for which
     all of that is nothing.
+
+    On the CPU with several threads, the model's own forward and backward of
+    a large enough batch run split over the threads, each on its share of the
+    rows (``npflux.training.threads``; the setting ``split_batch``): the same
+    gradients to rounding.
     """
     micro_batches = list(micro_batches)
     if not micro_batches:
         raise ValueError("train_step: no micro-batches")
+    split = batch_split(model, micro_batches, custom=loss is not None or backward is not None or grads is not None,
+                        one_process=sync is None or sync is ONE_PROCESS)
     loss = loss if loss is not None else (lambda batch: model.forward(*batch)[1])
     backward = backward if backward is not None else (lambda scale: model.backward(loss_scale=scale))
     grads = grads if grads is not None else model.grads
@@ -69,7 +77,9 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     # Overflow on the way to a non-finite loss is what the guard below reports, in one line: NumPy's
     # RuntimeWarnings about it would only print the same news first, as noise.
     with np.errstate(over="ignore", invalid="ignore"):
-        for i, batch in enumerate(micro_batches):
+        if split is not None:  # the rows of each micro-batch over the worker threads, one replica each
+            total = split.forward_backward(micro_batches, scale)
+        for i, batch in enumerate(micro_batches if split is None else ()):
             total += float(loss(batch))
             sync.backward(lambda: backward(scale), last=i == n - 1)
         mean = sync.sum(total * scale)  # the global batch's mean: each process's share-weighted mean, added
