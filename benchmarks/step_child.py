@@ -65,6 +65,7 @@ def _npflux_step(cfg, B, T, device, dtype, seed=0):
         train_step(model, opt, [(x, y)])  # the library's training step: zero_grad, forward, backward, AdamW
         sync()
 
+    step.model = model
     return step
 
 
@@ -162,8 +163,10 @@ def _profile_cuda(step):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lib", required=True,
-                   choices=["npflux", "npflux_numpy", "torch_published", "torch_modern", "sgemm_numpy", "sgemm_torch"],
-                   help="npflux_numpy: npflux with its compiled kernels off (NPFLUX_NUMBA=0), the NumPy path only")
+                   choices=["npflux", "npflux_numpy", "npflux_one_pass", "torch_published", "torch_modern",
+                            "sgemm_numpy", "sgemm_torch"],
+                   help="npflux_numpy: npflux with its compiled kernels off (NPFLUX_NUMBA=0), the NumPy path only; "
+                        "npflux_one_pass: npflux with its batch split over threads off (NPFLUX_SPLIT_BATCH=0)")
     p.add_argument("--preset", default="shakespeare-s1")
     p.add_argument("--batch", type=int)
     p.add_argument("--block", type=int)
@@ -179,6 +182,8 @@ def main(argv=None):
 
     if args.lib == "npflux_numpy":
         os.environ["NPFLUX_NUMBA"] = "0"
+    if args.lib == "npflux_one_pass":
+        os.environ["NPFLUX_SPLIT_BATCH"] = "0"
     t_import = time.perf_counter()
     info = {"lib": args.lib, "device": args.device, "preset": args.preset, "dtype": args.dtype, "pid": os.getpid()}
     if args.lib.startswith("sgemm"):
@@ -234,6 +239,10 @@ def main(argv=None):
     gc.enable()
     if args.profile and args.device == "cuda":
         info["profile"] = _profile_cuda(step)
+    if hasattr(step, "model"):
+        from npflux.training import threads
+
+        info["npflux_batch_shares"] = threads.shares(step.model)  # 1: one pass; n: split over n threads
     info["blas"] = _blas_info()
     info["times_s"] = times
     info["median_s"] = statistics.median(times)

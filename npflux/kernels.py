@@ -84,6 +84,8 @@ def use_for(*arrays) -> bool:
 def _compiled(fn):
     kernel = _COMPILED.get(fn)
     if kernel is None:
+        if not available():
+            raise RuntimeError("npflux.kernels: numba is not installed (pip install -e \".[fast]\")")
         with _LOCK:
             kernel = _COMPILED.get(fn)
             if kernel is None:

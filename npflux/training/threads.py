@@ -103,6 +103,12 @@ class BatchSplit:
         return total
 
 
+def shares(model) -> int:
+    """Into how many shares ``train_step`` last split ``model``'s batches (1: it ran them in one pass)."""
+    _, split = _REPLICAS.get(model, (None, None))
+    return split.n if split is not None else 1
+
+
 def _replica(model):
     replica = type(model)(model.config, backend=model.backend, dtype=model.dtype)
     replica.share_parameters_of(model)
