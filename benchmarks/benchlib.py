@@ -667,13 +667,10 @@ def _memory_child(framework, preset, steps, threads):
         if framework == "npflux":
             opt = [None]
 
-            def step():
+            def step():  # the library's step, as `npflux train` runs it (its batch split over threads where it pays)
                 if opt[0] is None:
                     opt[0] = optim.AdamW(model.params, lr=1e-3)
-                model.zero_grad()
-                model.forward(x, y)
-                model.backward()
-                opt[0].step(model.grads)
+                train_step(model, opt[0], [(x, y)])
             return step
         torch, tm = load_torch(threads)
         tmodel = tm.build(cfg, framework.split("_", 1)[1], model).train()
