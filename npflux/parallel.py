@@ -234,8 +234,8 @@ def one_thread():
     """``with one_thread():`` every parallel op in the block runs on the calling thread alone.
 
     For a caller that already keeps every core busy with work of its own (the
-    batch shards of ``npflux.training.replicas``): the ops must not queue for
-    workers that are busy with the other shards.
+    batch shares of ``npflux.training.threads``): the ops must not queue for
+    workers that are busy with the other shares.
     """
     before = getattr(_LOCAL, "one_thread", False)
     _LOCAL.one_thread = True

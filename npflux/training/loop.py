@@ -79,9 +79,10 @@ def train_step(model, optimizer, micro_batches, *, grad_clip=0.0, grads=None, lo
     with np.errstate(over="ignore", invalid="ignore"):
         if split is not None:  # the rows of each micro-batch over the worker threads, one replica each
             total = split.forward_backward(micro_batches, scale)
-        for i, batch in enumerate(micro_batches if split is None else ()):
-            total += float(loss(batch))
-            sync.backward(lambda: backward(scale), last=i == n - 1)
+        else:
+            for i, batch in enumerate(micro_batches):
+                total += float(loss(batch))
+                sync.backward(lambda: backward(scale), last=i == n - 1)
         mean = sync.sum(total * scale)  # the global batch's mean: each process's share-weighted mean, added
         grads = sync.reduce(grads)
         across = sync.norm_across

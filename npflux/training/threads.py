@@ -30,7 +30,8 @@ those of an unsplit step.
 
 When it runs (``settings.split_batch``): "auto" splits where each thread's
 share of the step's matrix products is at least ``MIN_SPLIT_FLOP``. Measured
-on a 2-core AMD EPYC (Zen 4), 2 threads, float32 (docs/benchmarks.md):
+on a 2-core AMD EPYC (Zen 4), 2 threads, float32, in one process each way in turn
+(the benchmark harness's numbers with and without the split: docs/benchmarks.md):
 nanoGPT's CPU model (12×64 tokens, 0.8M parameters, 1.9 GFLOP a share)
 39.1 → 31.3 ms a step, shakespeare-s2 (16×32, 2.7M, 4.1 GFLOP a share)
 70.9 → 68.0 ms, but shakespeare-s1 (16×32, 0.2M, 0.3 GFLOP a share)
@@ -48,6 +49,7 @@ import numpy as np
 
 from .. import settings
 from ..distributed import flat_buffers, shard_range
+from ..nn.layers import reseed_dropout
 from ..parallel import num_threads, one_thread, parallel_map, row_chunks
 
 MIN_SPLIT_FLOP = 1e9       # a thread's share of the step's matrix products below this stays unsplit (see above)
@@ -64,8 +66,9 @@ class BatchSplit:
         self.model = model
         self.replicas = [_replica(model) for _ in range(n - 1)]
         self.n = n
-        for m in [model] + self.replicas:
-            flat_buffers(m)  # the gradients are added buffer to buffer (ValueError without them)
+        # The gradients are added buffer to buffer (ValueError without them). Rebinding them rebinds the
+        # parameters too (flatten_parameters), and batch_split then builds a new BatchSplit.
+        self.flat_grads = [flat_buffers(m)[1] for m in [model] + self.replicas]
 
     def forward_backward(self, micro_batches, scale: float) -> float:
         """Run every micro-batch's forward and backward with its rows split over the threads; return the sum of
@@ -80,7 +83,7 @@ class BatchSplit:
             r.train(model.training)
             r.zero_grad()
             if hasattr(model, "dropout_rng"):  # masks of its own, from the model's stream
-                _reseed(r, model)
+                reseed_dropout(r, int(model.dropout_rng.integers(2**63)))
         errors = np.geterr()  # the caller's floating-point error handling, for the workers too (it is per thread)
         total = 0.0
         for idx, targets in micro_batches:
@@ -96,15 +99,15 @@ class BatchSplit:
                     m.backward(loss_scale=scale * weight)
                 return float(loss) * weight
             total += sum(parallel_map(run, jobs))
-        _, grads = flat_buffers(model)
-        for r in self.replicas:
-            _, theirs = flat_buffers(r)
+        grads = self.flat_grads[0]
+        for theirs in self.flat_grads[1:]:
             parallel_map(lambda s: np.add(grads[s], theirs[s], out=grads[s]), row_chunks(np, grads.size))
         return total
 
 
 def shares(model) -> int:
-    """Into how many shares ``train_step`` last split ``model``'s batches (1: it ran them in one pass)."""
+    """How many shares the split ``train_step`` built for ``model`` has (1: none was built, or the model
+    could not be replicated; each step still decides by itself whether to use it)."""
     _, split = _REPLICAS.get(model, (None, None))
     return split.n if split is not None else 1
 
@@ -113,12 +116,6 @@ def _replica(model):
     replica = type(model)(model.config, backend=model.backend, dtype=model.dtype)
     replica.share_parameters_of(model)
     return replica
-
-
-def _reseed(replica, model):
-    from ..nn.layers import reseed_dropout
-
-    reseed_dropout(replica, int(model.dropout_rng.integers(2**63)))
 
 
 def batch_split(model, micro_batches, *, custom=False, one_process=True):
