@@ -1,13 +1,14 @@
 """Training step (zero_grad, forward, backward, AdamW): npflux vs PyTorch, each in its own process.
 
     python benchmarks/bench_train_step.py [--presets shakespeare-s1 ...] [--threads N]
-        [--rounds 3] [--steps 40] [--device cpu|cuda] [--no-torch] [--no-numpy-path] [--no-one-pass]
+        [--rounds 3] [--steps 40] [--device cpu|cuda] [--no-torch] [--no-numpy-path] [--no-one-pass] [--no-reuse-off]
         [--profile] [--out PATH]
 
 The method is benchmarks/harness.py's: every candidate (npflux as installed,
 with its compiled kernels where numba is there; npflux on its NumPy path
 alone, NPFLUX_NUMBA=0; npflux with each step in one pass, its batch never
-split over the threads, NPFLUX_SPLIT_BATCH=0; the PyTorch
+split over the threads, NPFLUX_SPLIT_BATCH=0; npflux leaving glibc's malloc
+at its defaults, NPFLUX_REUSE_MEMORY=0 (npflux.memory); the PyTorch
 reference in the published gpt.py style; the PyTorch reference in the modern
 style, fused q/k/v and scaled_dot_product_attention) runs in a fresh process
 of its own, in turn, ``--rounds`` times; each process times ``--steps`` steps
@@ -33,6 +34,7 @@ COLUMNS = [("preset", "preset", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
            ("ratio_modern", "ratio", "{:.2f}"), ("npflux_mfu", "npflux MFU", "{:.0%}"),
            ("npflux_numpy_ms", "npflux NumPy path ms", "{:.2f}"), ("npflux_shares", "batch shares", "{}"),
            ("npflux_one_pass_ms", "npflux one pass ms", "{:.2f}"),
+           ("npflux_no_reuse_ms", "npflux malloc defaults ms", "{:.2f}"),
            ("paired_ratio_published", "paired ratio published", "{:.2f}"),
            ("paired_ratio_modern", "paired ratio modern", "{:.2f}")]
 
@@ -50,6 +52,8 @@ def main():
                    help="skip npflux with its compiled kernels off (NPFLUX_NUMBA=0), timed by default beside npflux as installed")
     p.add_argument("--no-one-pass", dest="one_pass", action="store_false",
                    help="skip npflux with its batch split off (NPFLUX_SPLIT_BATCH=0), timed by default beside npflux as installed")
+    p.add_argument("--no-reuse-off", dest="reuse_off", action="store_false",
+                   help="skip npflux with reuse_memory off (NPFLUX_REUSE_MEMORY=0), timed by default beside npflux as installed")
     p.add_argument("--profile", action="store_true", help="(cuda) kernels and runtime calls of one step")
     p.add_argument("--out", help="JSON path (default benchmarks/results/train_step[_cuda].json)")
     args = p.parse_args()
@@ -77,6 +81,8 @@ def main():
             cands["npflux_numpy"] = ["--lib", "npflux_numpy", *base]
         if args.one_pass:
             cands["npflux_one_pass"] = ["--lib", "npflux_one_pass", *base]
+        if args.reuse_off and args.device == "cpu":
+            cands["npflux_no_reuse"] = ["--lib", "npflux_no_reuse", *base]
         if args.torch:
             cands["torch_published"] = ["--lib", "torch_published", *base]
             cands["torch_modern"] = ["--lib", "torch_modern", *base]
@@ -86,7 +92,7 @@ def main():
         row = {"preset": preset, "B": B, "T": T, "npflux_ms": res["npflux"]["median_s"] * 1e3,
                "npflux_mfu": res["npflux"]["flops_per_call"] / res["npflux"]["median_s"] / peak}
         row["npflux_shares"] = res["npflux"].get("batch_shares")
-        for lib in ("npflux_numpy", "npflux_one_pass"):
+        for lib in ("npflux_numpy", "npflux_one_pass", "npflux_no_reuse"):
             if lib in res:
                 row[f"{lib}_ms"] = res[lib]["median_s"] * 1e3
         for style in ("published", "modern"):

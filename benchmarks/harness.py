@@ -95,6 +95,7 @@ def alternate(candidates: dict, rounds: int = 3, log=print) -> dict:
                      "flops_per_call": first.get("flops_per_call"), "blas": first.get("blas"),
                      "threads": first.get("npflux_threads") or first.get("torch_threads"),
                      "batch_shares": first.get("npflux_batch_shares"),
+                     "reuse_memory": first.get("npflux_reuse_memory"),
                      "profile": next((x["profile"] for x in results if "profile" in x), None),
                      "load_average": [x.get("load_average") for x in results]}
     return out

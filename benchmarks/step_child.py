@@ -1,6 +1,6 @@
 """One candidate's training step, timed in a process of its own (the harness runs one per candidate).
 
-    python benchmarks/step_child.py --lib npflux|torch_published|torch_modern|sgemm
+    python benchmarks/step_child.py --lib npflux|npflux_numpy|npflux_one_pass|npflux_no_reuse|torch_published|torch_modern|sgemm_numpy|sgemm_torch
         --preset shakespeare-s1 [--batch 16 --block 32] [--steps 40] [--warmup 5]
         [--threads N] [--device cpu|cuda] [--dtype float32] [--profile]
 
@@ -163,10 +163,11 @@ def _profile_cuda(step):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lib", required=True,
-                   choices=["npflux", "npflux_numpy", "npflux_one_pass", "torch_published", "torch_modern",
+                   choices=["npflux", "npflux_numpy", "npflux_one_pass", "npflux_no_reuse", "torch_published", "torch_modern",
                             "sgemm_numpy", "sgemm_torch"],
                    help="npflux_numpy: npflux with its compiled kernels off (NPFLUX_NUMBA=0), the NumPy path only; "
-                        "npflux_one_pass: npflux with its batch split over threads off (NPFLUX_SPLIT_BATCH=0)")
+                        "npflux_one_pass: npflux with its batch split over threads off (NPFLUX_SPLIT_BATCH=0); "
+                        "npflux_no_reuse: npflux leaving glibc's malloc at its defaults (NPFLUX_REUSE_MEMORY=0)")
     p.add_argument("--preset", default="shakespeare-s1")
     p.add_argument("--batch", type=int)
     p.add_argument("--block", type=int)
@@ -184,6 +185,8 @@ def main(argv=None):
         os.environ["NPFLUX_NUMBA"] = "0"
     if args.lib == "npflux_one_pass":
         os.environ["NPFLUX_SPLIT_BATCH"] = "0"
+    if args.lib == "npflux_no_reuse":
+        os.environ["NPFLUX_REUSE_MEMORY"] = "0"
     t_import = time.perf_counter()
     info = {"lib": args.lib, "device": args.device, "preset": args.preset, "dtype": args.dtype, "pid": os.getpid()}
     if args.lib.startswith("sgemm"):
@@ -213,6 +216,7 @@ def main(argv=None):
                 parallel.set_num_threads(args.threads)
             info["npflux_threads"] = parallel.num_threads()
             info["npflux_version"] = npflux.__version__
+            info["npflux_reuse_memory"] = npflux.memory.keeps_freed_memory()  # what npflux set up at import
             step = _npflux_step(cfg, B, T, args.device, args.dtype)
         else:
             import torch

@@ -23,6 +23,11 @@ split_batch          NPFLUX_SPLIT_BATCH          auto or   "auto"
     running the whole forward and backward of its rows on a replica of the
     model (``npflux.training.threads``); "auto": where each thread's share
     is large enough to pay (measured); on: wherever the model allows; off: never
+reuse_memory         NPFLUX_REUSE_MEMORY         flag      True
+    have glibc's malloc keep the memory of freed arrays for the next ones
+    instead of returning it to the system, so a training step's arrays do
+    not start on fresh pages every step (``npflux.memory``); read once, when
+    npflux is imported; nothing off glibc (Linux only)
 hypothesis_examples  NPFLUX_HYPOTHESIS_EXAMPLES  int >= 1  25
     examples per Hypothesis property in the test suite (tests/conftest.py)
 mpi_ranks            NPFLUX_MPI_RANKS,           int >= 1  None
@@ -139,6 +144,7 @@ SETTINGS = {s.name: s for s in (
     Setting("debug", "NPFLUX_DEBUG", _flag, False),
     Setting("numba", "NPFLUX_NUMBA", _flag, True),
     Setting("split_batch", "NPFLUX_SPLIT_BATCH", _auto_or_flag, "auto"),
+    Setting("reuse_memory", "NPFLUX_REUSE_MEMORY", _flag, True),
     Setting("hypothesis_examples", "NPFLUX_HYPOTHESIS_EXAMPLES", _positive_int, 25),
     Setting("mpi_ranks", "NPFLUX_MPI_RANKS", _positive_int, None, foreign=("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")),
 )}

@@ -6,7 +6,7 @@
     models, tokenizers, tasks
     nn
     ops
-    parallel, backend, kernels, settings (settings imports nothing from npflux)
+    parallel, backend, kernels, memory, settings (settings imports nothing from npflux)
 
 A module may import from its own level or any level below. Every import
 counts, also one inside a function (a lazy import is still a dependency);
@@ -20,7 +20,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "npflux"
 
 LEVELS = [
-    {"parallel", "backend", "kernels", "settings"},
+    {"parallel", "backend", "kernels", "memory", "settings"},
     {"ops"},
     {"nn"},
     {"models", "tokenizers", "tasks"},

@@ -46,7 +46,7 @@ def needs_blas():
 def test_defaults(clean_env):
     assert {name: settings.get(name) for name in settings.SETTINGS} == {
         "backend": "numpy", "num_threads": None, "data_dir": None, "debug": False,
-        "numba": True, "split_batch": "auto", "hypothesis_examples": 25, "mpi_ranks": None}
+        "numba": True, "split_batch": "auto", "reuse_memory": True, "hypothesis_examples": 25, "mpi_ranks": None}
 
 
 def test_the_docstring_table_lists_every_setting():
