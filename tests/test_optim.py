@@ -295,6 +295,27 @@ def test_flatten_parameters_keeps_values_and_shares_one_buffer():
     assert flat_base(list(m.params.values())[1:]) is None
 
 
+def test_flat_base_remembers_only_the_very_arrays_it_saw():
+    """flat_base keeps its yes for the same array objects; new arrays, even at a dead one's id, are asked afresh."""
+    import gc
+
+    from npflux import backend
+
+    buf = np.zeros(12)
+    views = [buf[:4], buf[4:12]]
+    assert backend.flat_base(views) is buf
+    assert backend.flat_base(views) is buf  # the remembered answer
+    assert backend.flat_base(views[::-1]) is None
+    for _ in range(200):  # CPython hands a freed object's id to the next: never a stale yes for it
+        del views, buf
+        gc.collect()
+        buf = np.zeros(12)
+        views = [buf[:4], buf[5:12]]  # a gap: not a tiling
+        assert backend.flat_base(views) is None
+        views = [buf[:4], buf[4:12]]
+        assert backend.flat_base(views) is buf
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("wd,grouped,clip", [(0.0, False, None), (0.1, True, 0.5), (0.01, False, 10.0)])
 def test_flat_adamw_equals_per_parameter_adamw(wd, grouped, clip, threads, monkeypatch):
