@@ -200,7 +200,7 @@ def parallel_map(fn, items):
 
         if _POOL is not None:
             _POOL.shutdown(wait=False)  # its threads finish their work and exit
-        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npflux")
+        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npflux", initializer=_mark_worker)
     pool = _POOL
     # The workers already use the cores: a BLAS call inside one must not start
     # more threads of its own (measured: attention of one shakespeare-n layer
@@ -226,7 +226,12 @@ _LOCAL = threading.local()
 
 def _on_one_thread() -> bool:
     """True where parallel work must stay on the calling thread: on a worker, or inside ``one_thread()``."""
-    return getattr(_LOCAL, "one_thread", False) or threading.current_thread().name.startswith("npflux")
+    return getattr(_LOCAL, "one_thread", False)  # asked by every op: a thread-local read, not a thread lookup
+
+
+def _mark_worker():
+    """A pool worker's first act: everything it runs stays on it (``one_thread`` for its whole life)."""
+    _LOCAL.one_thread = True
 
 
 @contextlib.contextmanager
