@@ -221,12 +221,16 @@ def parallel_map(fn, items):
         return results
 
 
-_LOCAL = threading.local()
+class _ThreadState(threading.local):
+    one_thread = False  # a class default: reading it never raises (getattr's default would, each op)
+
+
+_LOCAL = _ThreadState()
 
 
 def _on_one_thread() -> bool:
     """True where parallel work must stay on the calling thread: on a worker, or inside ``one_thread()``."""
-    return getattr(_LOCAL, "one_thread", False)  # asked by every op: a thread-local read, not a thread lookup
+    return _LOCAL.one_thread  # asked by every op: a thread-local read, not a thread lookup
 
 
 def _mark_worker():
@@ -242,7 +246,7 @@ def one_thread():
     batch shares of ``npflux.training.threads``): the ops must not queue for
     workers that are busy with the other shares.
     """
-    before = getattr(_LOCAL, "one_thread", False)
+    before = _LOCAL.one_thread
     _LOCAL.one_thread = True
     try:
         yield

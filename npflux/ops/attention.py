@@ -41,7 +41,7 @@ def attention_forward(q, k, v, causal=False, mask=None):
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     allowed = None
-    if causal:
+    if causal and mask is not None:  # (a causal mask alone is the cached additive bias below)
         allowed = causal_mask(Tq, Tk, xp)
     if mask is not None:
         mask = xp.asarray(mask)
@@ -57,8 +57,7 @@ def attention_forward(q, k, v, causal=False, mask=None):
     # masked copy); any other mask is applied by copying -inf where it blocks.
     bias = blocked = None
     if mask is None and causal:
-        bias = xp.zeros((Tq, Tk), dtype=q.dtype)
-        bias[~allowed] = -xp.inf
+        bias = _causal_bias(Tq, Tk, q.dtype, xp)
     elif allowed is not None:
         blocked = ~allowed
     B = q.shape[0]
@@ -102,6 +101,26 @@ def attention_forward(q, k, v, causal=False, mask=None):
     return out, (q, k, v, weights, scale, block)
 
 
+def _causal_bias(Tq, Tk, dtype, xp):
+    """The (Tq, Tk) additive causal mask: 0 where query i may see key j, -inf where not.
+
+    Every layer of every step asks for the same one, so it is made once per
+    shape and dtype and kept, read-only (on NumPy; nothing here writes to it).
+    """
+    key = (Tq, Tk, xp.dtype(dtype).str, xp.__name__)
+    bias = _CAUSAL_BIASES.get(key)
+    if bias is None:
+        bias = xp.zeros((Tq, Tk), dtype=dtype)
+        bias[~causal_mask(Tq, Tk, xp)] = -xp.inf
+        if xp.__name__ == "numpy":
+            bias.flags.writeable = False
+        if len(_CAUSAL_BIASES) >= 64:  # lengths seen while decoding one token at a time: keep a few
+            _CAUSAL_BIASES.clear()
+        _CAUSAL_BIASES[key] = bias
+    return bias
+
+
+_CAUSAL_BIASES: dict = {}
 _CAUSAL_BLOCK = 64       # query rows per block of the block-causal path
 _BLOCK_CAUSAL_MIN = 128  # from this length on, skipping the masked blocks pays (measured)
 

@@ -3,7 +3,7 @@
 Shapes: x (..., I), w (I, O), b (O,) -> y (..., O). ``w`` is stored (in, out),
 as GPT-2's Conv1D checkpoints store it, so the forward is one plain matmul.
 """
-from ..backend import check_float, get_array_module
+from ..backend import check_float
 
 
 def _check_same_dtype(x, w, b):
@@ -41,9 +41,8 @@ def linear_backward(dy, cache):
     Leading axes are flattened into one row axis n for dw and db.
     """
     x, w, has_bias = cache
-    xp = get_array_module(dy)
     dy2 = dy.reshape(-1, w.shape[1])
     dx = (dy2 @ w.T).reshape(x.shape)
     dw = x.reshape(-1, w.shape[0]).T @ dy2
-    db = xp.sum(dy2, axis=0) if has_bias else None
+    db = dy2.sum(axis=0) if has_bias else None
     return dx, dw, db
