@@ -56,6 +56,38 @@ def test_gelu_kernels_equal_numpy_to_the_bit(rows, cols, dtype, seed, threads):
     np.testing.assert_array_equal(dx1, dx2)
 
 
+@given(shape=st.lists(st.integers(1, 9), min_size=0, max_size=3), dtype=dtypes, seed=seeds, in_place=st.booleans())
+def test_relu_kernels_equal_numpy_to_the_bit(shape, dtype, seed, in_place):
+    r = np.random.default_rng(seed)
+    x = r.standard_normal(shape).astype(dtype)
+    x.reshape(-1)[::3] = 0.0  # the subgradient at 0, and a NaN that must pass through both ways
+    if x.size > 1:
+        x.reshape(-1)[1] = np.nan
+    dy = r.standard_normal(shape).astype(dtype)
+
+    def run():
+        xx, dd = x.copy(), dy.copy()
+        y, cache = ops.relu_forward(xx, out=xx if in_place else None)
+        return y.copy(), ops.relu_backward(dd, cache, out=dd if in_place else None)
+
+    (y1, dx1), (y2, dx2) = both_paths(run)
+    assert y1.dtype == dx1.dtype == dtype
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(dx1, dx2)
+
+
+def test_relu_kernel_leaves_other_layouts_to_numpy():
+    """A transposed input or a cache of another dtype takes the NumPy line, as it is."""
+    x = np.arange(-3.0, 3.0).reshape(2, 3)
+    with settings.override(numba=True):
+        y, cache = ops.relu_forward(x.T)
+        np.testing.assert_array_equal(y, np.maximum(x.T, 0))
+        dy, other = np.ones((2, 3), np.float32), cache.T.astype(np.float64)
+        dx = ops.relu_backward(dy, other)
+    np.testing.assert_array_equal(dx, np.multiply(dy, other > 0))
+    assert dx.dtype == np.float32  # dy's, as the plain line gives it
+
+
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adamw_kernel_equals_numpy_to_the_bit(flat, dtype, monkeypatch):
@@ -156,7 +188,8 @@ def test_kernels_off_means_never_called(monkeypatch):
         raise AssertionError("a kernel ran with NPFLUX_NUMBA off")
 
     for name in ("layernorm_forward_rows", "layernorm_backward_rows", "adamw_update",
-                 "gelu_forward_rows", "gelu_backward_rows", "softmax_rows_", "softmax_backward_rows_"):
+                 "gelu_forward_rows", "gelu_backward_rows", "softmax_rows_", "softmax_backward_rows_",
+                 "relu_", "relu_backward_"):
         monkeypatch.setattr(kernels, name, boom)
     monkeypatch.setenv("NPFLUX_NUMBA", "0")
     x = np.random.default_rng(0).standard_normal((4, 6))
@@ -164,6 +197,8 @@ def test_kernels_off_means_never_called(monkeypatch):
     ops.layernorm_backward(x, c)
     y, c = ops.gelu_forward(x)
     ops.gelu_backward(x, c)
+    y, c = ops.relu_forward(x)
+    ops.relu_backward(x, c)
     q = x.reshape(1, 1, 4, 6)
     out, c = ops.attention_forward(q, q, q, causal=True)
     ops.attention_backward(q, c)

@@ -90,6 +90,13 @@ def relu_forward(x, out=None):
     """
     check_float(x, "relu: x")
     xp = get_array_module(x)
+    if _same_layout(x, out) and kernels.use_for(x):  # one compiled pass of the line below
+        if out is x:
+            kernels.relu_(x.reshape(-1))
+            return x, x
+        y = xp.empty_like(x) if out is None else out
+        kernels.relu_(x.reshape(-1), y.reshape(-1))
+        return y, y
     y = xp.maximum(x, 0, out=out)
     return y, y
 
@@ -100,4 +107,19 @@ def relu_backward(dy, cache, out=None):
     ``out=dy`` writes the result over dy (the caller must own dy).
     """
     xp = get_array_module(dy)
+    if _same_layout(dy, out, cache) and kernels.use_for(dy, cache):
+        if out is dy:  # one compiled pass of the line below
+            kernels.relu_backward_(dy.reshape(-1), cache.reshape(-1))
+            return dy
+        dx = xp.empty_like(dy) if out is None else out
+        kernels.relu_backward_(dy.reshape(-1), cache.reshape(-1), dx.reshape(-1))
+        return dx
     return xp.multiply(dy, cache > 0, out=out)
+
+
+def _same_layout(first, *others):
+    """Whether the arrays (None: one the op allocates) share one shape and dtype and are C-contiguous,
+    so that their 1-D reshapes are views that line up element for element (else the NumPy line runs,
+    with NumPy's broadcasting, casting and errors)."""
+    return first.flags.c_contiguous and all(
+        a is None or (a.shape == first.shape and a.dtype == first.dtype and a.flags.c_contiguous) for a in others)
