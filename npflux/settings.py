@@ -14,7 +14,7 @@ debug                NPFLUX_DEBUG                flag      False
     the CLI shows an error's traceback, not just its message
     (a flag is 1/true/yes/on or 0/false/no/off)
 numba                NPFLUX_NUMBA                flag      True
-    run fused element-wise work (layer norm, AdamW, GELU, softmax's
+    run fused element-wise work (layer norm, AdamW, GELU, ReLU, softmax's
     backward) through Numba-compiled kernels when numba is installed
     (``npflux.kernels``); off: the NumPy path everywhere
 split_batch          NPFLUX_SPLIT_BATCH          auto or   "auto"
