@@ -107,8 +107,8 @@ def relu_backward(dy, cache, out=None):
     ``out=dy`` writes the result over dy (the caller must own dy).
     """
     xp = get_array_module(dy)
-    if _same_layout(dy, out, cache) and kernels.use_for(dy, cache):
-        if out is dy:  # one compiled pass of the line below
+    if _same_layout(dy, out, cache) and kernels.use_for(dy, cache):  # one compiled pass of the line below
+        if out is dy:
             kernels.relu_backward_(dy.reshape(-1), cache.reshape(-1))
             return dy
         dx = xp.empty_like(dy) if out is None else out

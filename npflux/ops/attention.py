@@ -107,7 +107,8 @@ def _causal_bias(Tq, Tk, dtype, xp):
     Every layer of every step asks for the same one, so it is made once per
     shape and dtype and kept, read-only (on NumPy; nothing here writes to it).
     """
-    key = (Tq, Tk, xp.dtype(dtype).str, xp.__name__)
+    device = None if xp.__name__ == "numpy" else xp.cuda.Device().id  # a GPU's arrays stay on that GPU
+    key = (Tq, Tk, xp.dtype(dtype).str, xp.__name__, device)
     bias = _CAUSAL_BIASES.get(key)
     if bias is None:
         bias = xp.zeros((Tq, Tk), dtype=dtype)
